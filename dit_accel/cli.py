@@ -24,9 +24,9 @@ def info() -> str:
     from .methods import METHODS
 
     lines = [f"dit-accel {__version__}", "", "versions:"]
-    lines.append(f"  python      {platform.python_version()}")
+    lines.append(f"  {'python':<13} {platform.python_version()}")
     for dist in ("torch", "triton", "diffusers", "accelerate", "transformers", "safetensors", "numpy"):
-        lines.append(f"  {dist:<11} {_version(dist)}")
+        lines.append(f"  {dist:<13} {_version(dist)}")
     lines += ["", "device:"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

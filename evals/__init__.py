@@ -1,1 +1,1 @@
-"""Metrics, suites, runners and reports, installed as `dit_accel.evals` (arrive with the evals issue)."""
+"""Metrics, suites, runners and reports, installed as `dit_accel.evals` (issue #5)."""

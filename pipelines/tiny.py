@@ -170,6 +170,8 @@ def tiny_inputs(
     `padded_text` marks the last text tokens of each prompt as padding where the family takes a text
     mask (HunyuanVideo, LTX). Embeddings are drawn from `seed` so calls are reproducible.
     """
+    if family == "wan-i2v":
+        text_len = 512  # Wan's processor splits image context from text assuming 512 text tokens
     g = torch.Generator().manual_seed(seed + 1000)
     dtype = pipe.transformer.dtype if pipe is not None else torch.float32
 
@@ -204,7 +206,6 @@ def tiny_inputs(
             kw["negative_prompt_embeds"] = emb()
         if family == "wan-i2v":
             kw["image"] = torch.rand(1, 3, kw["height"], kw["width"], generator=g)
-            kw["max_sequence_length"] = text_len
     elif family == "hunyuan-video":
         kw.update(prompt_embeds=emb(), pooled_prompt_embeds=emb(1, 8)[:, 0], prompt_attention_mask=mask(),
                   guidance_scale=6.0, height=height or 16, width=width or 16, num_frames=num_frames or 5)

@@ -1,1 +1,1 @@
-"""The Gradio app, installed as `dit_accel.ui` (arrives with the UI issue)."""
+"""The Gradio app, installed as `dit_accel.ui` (issue #7)."""

@@ -29,7 +29,8 @@ class Dense(AttentionMethod):
     """
 
     backend: str = "auto"
-    _checked: set = field(default_factory=set, init=False, repr=False, compare=False)
+    # (device type, dtype, masked) -> kernel, filled after the inputs passed the backend's checks
+    _kernels: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.backend != "auto" and self.backend not in backends.BACKENDS:
@@ -59,12 +60,13 @@ class Dense(AttentionMethod):
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attn_mask: torch.Tensor | None, call: AttentionCall | None = None) -> torch.Tensor:
-        name = self.resolve(query.device)
-        signature = (name, query.device.type, query.dtype, attn_mask is not None)
-        if signature not in self._checked:
+        signature = (query.device.type, query.dtype, attn_mask is not None)
+        kernel = self._kernels.get(signature)
+        if kernel is None:
+            name = self.resolve(query.device)
             backends.check_backend(name, query, attn_mask)
             if self.backend == "auto":
                 logger.info("dit_accel Dense: backend 'auto' uses %r on %s (%s)", name, query.device.type,
                             backends.auto_backend(query.device)[1])
-            self._checked.add(signature)
-        return backends.KERNELS[name](query, key, value, attn_mask)
+            kernel = self._kernels[signature] = backends.KERNELS[name]
+        return kernel(query, key, value, attn_mask)
