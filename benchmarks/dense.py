@@ -58,36 +58,41 @@ def candidates() -> dict:
     return runs
 
 
+def bench_shape(shape: str, seq: int, heads: int, dim: int, iters: int) -> list[dict]:
+    """Every backend at one shape, each timed between two baseline measurements."""
+    q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    flops = 4 * seq * seq * heads * dim
+
+    def baseline():
+        return median(cuda_time_ms(lambda: F.scaled_dot_product_attention(q, k, v), iters=iters))
+
+    base = baseline()
+    rows = [dict(shape=shape, backend="sdpa (default, baseline)", ms=round(base, 3), ratio=1.0,
+                 tflops=round(flops / base / 1e9, 1), max_abs_err=0.0)]
+    for name, fn in candidates().items():
+        if isinstance(fn, str):
+            rows.append(dict(shape=shape, backend=name, ms=None, ratio=None, note=fn))
+            continue
+        try:
+            err = float((fn(q, k, v).float() - ref.float()).abs().max())
+            # The baseline is timed right before and after each candidate, so clock and
+            # thermal drift over the run hit both sides of the ratio alike.
+            before = baseline()
+            ms = median(cuda_time_ms(lambda fn=fn: fn(q, k, v), iters=iters))
+            base_pair = (before + baseline()) / 2
+            rows.append(dict(shape=shape, backend=name, ms=round(ms, 3), baseline_ms=round(base_pair, 3),
+                             ratio=round(base_pair / ms, 3), tflops=round(flops / ms / 1e9, 1),
+                             max_abs_err=round(err, 5)))
+        except Exception as exc:  # report a backend without a kernel for this shape, keep going
+            rows.append(dict(shape=shape, backend=name, ms=None, ratio=None, note=f"{type(exc).__name__}: {exc}"[:300]))
+    return rows
+
+
 def bench_kernels(iters: int) -> list[dict]:
     rows = []
     for shape, (seq, heads, dim) in SHAPES.items():
-        q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        ref = F.scaled_dot_product_attention(q, k, v)
-        flops = 4 * seq * seq * heads * dim
-
-        def baseline():
-            return median(cuda_time_ms(lambda: F.scaled_dot_product_attention(q, k, v), iters=iters))
-
-        base = baseline()
-        rows.append(dict(shape=shape, backend="sdpa (default, baseline)", ms=round(base, 3), ratio=1.0,
-                         tflops=round(flops / base / 1e9, 1), max_abs_err=0.0))
-        for name, fn in candidates().items():
-            if isinstance(fn, str):
-                rows.append(dict(shape=shape, backend=name, ms=None, ratio=None, note=fn))
-                continue
-            try:
-                err = float((fn(q, k, v).float() - ref.float()).abs().max())
-                # The baseline is timed right before and after each candidate, so clock and
-                # thermal drift over the run hit both sides of the ratio alike.
-                before = baseline()
-                ms = median(cuda_time_ms(lambda: fn(q, k, v), iters=iters))
-                base_pair = (before + baseline()) / 2
-                rows.append(dict(shape=shape, backend=name, ms=round(ms, 3), baseline_ms=round(base_pair, 3),
-                                 ratio=round(base_pair / ms, 3), tflops=round(flops / ms / 1e9, 1),
-                                 max_abs_err=round(err, 5)))
-            except Exception as exc:  # report a backend without a kernel for this shape, keep going
-                rows.append(dict(shape=shape, backend=name, ms=None, ratio=None, note=f"{type(exc).__name__}: {exc}"[:300]))
-        del q, k, v, ref
+        rows += bench_shape(shape, seq, heads, dim, iters)
         torch.cuda.empty_cache()
     return rows
 

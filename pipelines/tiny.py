@@ -24,8 +24,16 @@ FAMILIES = ("flux", "sd3", "sd3.5", "wan", "wan-i2v", "hunyuan-video", "cogvideo
 _TEXT_DIM = 32
 
 
-def _seeded(seed: int):
-    torch.manual_seed(seed)
+def _tiny_kl_vae():
+    """The image VAE of the tiny Flux and SD3 pipelines: 2 blocks, so latents are 1/2 the size."""
+    import diffusers as d
+
+    return d.AutoencoderKL(
+        block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=32, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
 
 
 def make_tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -34,19 +42,14 @@ def make_tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.fl
 
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is not one of {FAMILIES}; pick one of those.")
-    _seeded(seed)
+    torch.manual_seed(seed)
     if family == "flux":
         transformer = d.FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=_TEXT_DIM, pooled_projection_dim=_TEXT_DIM,
             axes_dims_rope=(4, 6, 6),
         )
-        vae = d.AutoencoderKL(
-            block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            sample_size=32, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = _tiny_kl_vae()
         pipe = d.FluxPipeline(
             scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
             text_encoder_2=None, tokenizer_2=None, transformer=transformer,
@@ -58,12 +61,7 @@ def make_tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.fl
             num_attention_heads=4, joint_attention_dim=_TEXT_DIM, caption_projection_dim=32,
             pooled_projection_dim=2 * _TEXT_DIM, out_channels=4, pos_embed_max_size=32, **extra,
         )
-        vae = d.AutoencoderKL(
-            block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            sample_size=32, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = _tiny_kl_vae()
         pipe = d.StableDiffusion3Pipeline(
             transformer=transformer, scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=vae,
             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,

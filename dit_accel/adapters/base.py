@@ -77,6 +77,27 @@ def to_heads(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1, 3)
 
 
+def project_heads(attn: torch.nn.Module, hidden_states: torch.Tensor,
+                  kv_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """q from `hidden_states`, k and v from `kv_states`, split into heads as
+    `[batch, heads, seq, head_dim]` and QK-normed: the opening lines that diffusers'
+    `Attention`-module processors (`AttnProcessor2_0`, `JointAttnProcessor2_0`,
+    `CogVideoXAttnProcessor2_0`) share. Returns `(query, key, value, head_dim)`."""
+    batch_size = hidden_states.shape[0]
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(kv_states)
+    value = attn.to_v(kv_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim
+
+
 def standard_attention(attend: Attend, attn: torch.nn.Module, hidden_states: torch.Tensor,
                        encoder_hidden_states: torch.Tensor | None,
                        attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -92,22 +113,11 @@ def standard_attention(attend: Attend, attn: torch.nn.Module, hidden_states: tor
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-    query = attn.to_q(hidden_states)
     if encoder_hidden_states is None:
         encoder_hidden_states = hidden_states
     elif attn.norm_cross:
         encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    key = attn.to_k(encoder_hidden_states)
-    value = attn.to_v(encoder_hidden_states)
-
-    head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value, head_dim = project_heads(attn, hidden_states, encoder_hidden_states)
 
     hidden_states = attend(query, key, value, attention_mask, None)
     hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)

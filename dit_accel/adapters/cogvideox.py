@@ -8,7 +8,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..layout import ModuleInfo
-from .base import Adapter, block_index
+from .base import Adapter, block_index, project_heads
 
 
 class CogVideoXAdapter(Adapter):
@@ -41,17 +41,7 @@ class CogVideoXAdapter(Adapter):
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = project_heads(attn, hidden_states, hidden_states)
 
         if rotary is not None:
             query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], rotary)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import ModuleInfo
-from .base import Adapter, block_index
+from .base import Adapter, block_index, project_heads
 
 
 class SD3Adapter(Adapter):
@@ -37,17 +37,7 @@ class SD3Adapter(Adapter):
         residual = hidden_states
         batch_size = hidden_states.shape[0]
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = project_heads(attn, hidden_states, hidden_states)
 
         text_span = None
         if encoder_hidden_states is not None:
