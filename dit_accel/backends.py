@@ -62,9 +62,16 @@ def backend_status(name: str) -> BackendStatus:
         if version is None:
             return BackendStatus(name, False, "xformers is not installed (pip install 'dit-accel[xformers]')")
         try:
-            import xformers.ops  # noqa: F401
+            xformers = importlib.import_module("xformers")
+            importlib.import_module("xformers.ops")
         except Exception as exc:  # a wheel built for another torch fails in many ways
             return BackendStatus(name, False, f"xformers {version} is installed but does not import: {exc}")
+        if not getattr(xformers, "_has_cpp_library", True):
+            return BackendStatus(
+                name, False,
+                f"xformers {version} imports but its C++/CUDA extensions did not load (built for another torch "
+                f"than {torch.__version__}), so it has no attention kernels; install an xformers built for this torch",
+            )
         return BackendStatus(name, True, f"xformers {version} (kernel availability depends on the shape)")
     if name == "sage":
         version = _version("sageattention")
@@ -149,9 +156,22 @@ def xformers_attention(query, key, value, attn_mask=None):
     except NotImplementedError as exc:
         raise MethodUnavailableError(
             f"xformers has no kernel for query {tuple(query.shape)} {query.dtype} on {query.device}"
-            f"{' with a mask' if attn_mask is not None else ''}: {str(exc).strip().splitlines()[0]}. "
+            f"{' with a mask' if attn_mask is not None else ''} ({_xformers_reasons(str(exc))}). "
             "Use Dense(backend='sdpa') (or 'auto') instead."
         ) from exc
+
+
+def _xformers_reasons(message: str, most: int = 4) -> str:
+    """`op: first reason` for each operator xformers' dispatcher rejected, from its error text."""
+    lines = message.splitlines()
+    reasons = [
+        f"{line.split('`')[1].split('@')[0] if line.count('`') >= 2 else line.strip()}: {lines[i + 1].strip()}"
+        for i, line in enumerate(lines[:-1]) if line.rstrip().endswith("is not supported because:")
+    ]
+    if not reasons:
+        return lines[0].strip() if lines else "no operator found"
+    more = f"; {len(reasons) - most} more" if len(reasons) > most else ""
+    return "; ".join(reasons[:most]) + more
 
 
 def sage(query, key, value, attn_mask=None):

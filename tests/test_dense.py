@@ -2,6 +2,8 @@
 
 import math
 import random
+import sys
+import types
 
 import pytest
 import torch
@@ -74,3 +76,46 @@ def test_backend_detection_reports_every_backend():
     assert set(found) == set(backends.BACKENDS)
     assert found["sdpa"].available
     assert all(status.detail for status in found.values())
+
+
+def _stub_xformers(monkeypatch, has_cpp_library=True, error=None):
+    """Install a stand-in `xformers` package whose attention raises `error` (as xformers' dispatcher
+    does when it has no operator for the inputs)."""
+    package = types.ModuleType("xformers")
+    package._has_cpp_library = has_cpp_library
+    ops = types.ModuleType("xformers.ops")
+
+    def memory_efficient_attention(q, k, v, attn_bias=None):
+        raise error
+
+    ops.memory_efficient_attention = memory_efficient_attention
+    package.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    monkeypatch.setattr(backends, "_version", lambda dist: "0.0.35" if dist == "xformers" else None)
+
+
+def test_xformers_without_its_extensions_is_reported_unavailable(monkeypatch):
+    _stub_xformers(monkeypatch, has_cpp_library=False)
+    status = backends.backend_status("xformers")
+    assert not status.available and "extensions did not load" in status.detail
+    with pytest.raises(dit_accel.MethodUnavailableError, match=r"extensions did not load.*backend='sdpa'"):
+        dit_accel.Dense(backend="xformers")
+
+
+def test_xformers_without_a_kernel_names_shape_reasons_and_alternative(monkeypatch):
+    message = (
+        "No operator found for `memory_efficient_attention_forward` with inputs:\n"
+        "     query       : shape=(1, 37, 2, 64) (torch.float32)\n"
+        "`fa3F@0.0.0` is not supported because:\n"
+        "    dtype=torch.float32 (supported: {torch.bfloat16, torch.float16})\n"
+        "`cutlassF-pt` is not supported because:\n"
+        "    device=cpu (supported: {'cuda'})\n"
+    )
+    _stub_xformers(monkeypatch, error=NotImplementedError(message))
+    q = torch.randn(1, 2, 37, 64)
+    with pytest.raises(dit_accel.MethodUnavailableError) as err:
+        backends.xformers_attention(q, q, q)
+    text = str(err.value)
+    assert "(1, 2, 37, 64)" in text and "backend='sdpa'" in text
+    assert "fa3F: dtype=torch.float32" in text and "cutlassF-pt: device=cpu" in text
