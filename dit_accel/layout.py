@@ -7,6 +7,8 @@ kind of attention, where the text tokens sit in the sequence).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,9 +85,14 @@ class AttentionCall:
             attention, `None` for other kinds.
         state: per-method storage for this (module, CFG branch, sequence shape), owned by the
             geometry hook and cleared at each new generation. Never stored on the processor.
+            Looked up on first access only, so methods without state pay nothing for it.
     """
 
     layout: TokenLayout
     module: ModuleInfo
     text_span: tuple[int, int] | None
-    state: dict[str, Any]
+    state_lookup: Callable[[], dict[str, Any]] = field(default=dict, repr=False)
+
+    @functools.cached_property
+    def state(self) -> dict[str, Any]:
+        return self.state_lookup()

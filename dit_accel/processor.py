@@ -47,7 +47,7 @@ class AttnProcessor:
         layout = hook.layout
 
         def attend(query, key, value, attn_mask, text_span):
-            call = AttentionCall(layout, info, text_span, hook.state_for(method, info, query.shape))
+            call = AttentionCall(layout, info, text_span, lambda: hook.state_for(method, info, query.shape))
             return method(query, key, value, attn_mask, call)
 
         return binding.adapter.run(attend, attn, info, hidden_states, encoder_hidden_states, attention_mask,

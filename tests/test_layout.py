@@ -144,3 +144,24 @@ def test_processor_outside_a_supported_transformer_says_so():
     attn.set_processor(dit_accel.AttnProcessor(dit_accel.Dense()))
     with pytest.raises(dit_accel.UnsupportedModelError, match="not inside a supported transformer"):
         attn(torch.randn(1, 3, 8))
+
+
+def test_method_state_is_per_module_branch_and_shape_and_cleared_per_generation():
+    class Counting(dit_accel.Dense):
+        def __call__(self, query, key, value, attn_mask, call=None):
+            call.state["calls"] = call.state.get("calls", 0) + 1
+            seen.append((call.module.name, call.layout.branch, call.layout.generation, call.state["calls"]))
+            return super().__call__(query, key, value, attn_mask, call)
+
+    seen = []
+    pipe = make_tiny_pipeline("wan")
+    dit_accel.apply(pipe, attention=Counting(backend="sdpa"))
+    kwargs = tiny_inputs("wan", guidance_scale=4.0, num_inference_steps=3)
+    pipeline_output(pipe, kwargs)
+    pipeline_output(pipe, kwargs)
+    first_gen = min(g for _, _, g, _ in seen)
+    for generation in (first_gen, first_gen + 1):
+        counts = [(n, b, c) for n, b, g, c in seen if g == generation and n == "blocks.0.attn1"]
+        # 3 steps per branch; cond and uncond counted apart; counting restarts each generation
+        assert [c for _, b, c in counts if b == "cond"] == [1, 2, 3]
+        assert [c for _, b, c in counts if b == "uncond"] == [1, 2, 3]
