@@ -26,8 +26,6 @@ class AccelHandle:
     """What `apply` did; `remove()` restores the stock processors and hooks exactly."""
 
     attention: AttnProcessor | None
-    cache: Any = None
-    guidance: Any = None
     _applied: list[_Applied] = field(default_factory=list, repr=False)
 
     @property
