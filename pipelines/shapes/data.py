@@ -165,20 +165,25 @@ def parse_prompt(prompt: str) -> list[tuple[str, str, str | None]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Held-out attribute combinations: for every (color, shape) pair one motion never appears in
-# training. The evals' held-out suite uses exactly these combinations.
+# Held-out attribute combinations: for every (color, shape) pair one background color never
+# appears behind it in training. The evals' held-out suite uses exactly these combinations.
 
 
 def held_out_triples() -> frozenset[tuple[str, str, str]]:
-    colors, motions = list(COLORS), list(MOTIONS)
+    """(object color, shape, background color) combinations the trainer never shows."""
+    colors, backgrounds = list(COLORS), list(BACKGROUNDS)
     out = set()
     for ci, c in enumerate(colors):
         for si, s in enumerate(SHAPES):
-            out.add((c, s, motions[(3 * ci + 5 * si + 1) % len(motions)]))
+            out.add((c, s, backgrounds[(ci + 2 * si + 1) % len(backgrounds)]))
     return frozenset(out)
 
 
 HELD_OUT = held_out_triples()
+
+
+def is_held_out(spec: "SampleSpec") -> bool:
+    return any((o.color, o.shape, spec.background) in HELD_OUT for o in spec.objects)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,13 +219,15 @@ def sample_spec(
     image: bool = False,
     n_objects: int | None = None,
     objects: Sequence[tuple[str, str, str]] | None = None,
+    background: str | None = None,
     exclude: frozenset[tuple[str, str, str]] = HELD_OUT,
 ) -> SampleSpec:
     """A sample drawn deterministically from ``seed``.
 
-    ``objects`` fixes the (color, shape, motion) triples (positions, sizes and background stay
-    random); otherwise one or two objects are drawn, skipping triples in ``exclude`` (the held-out
-    combinations, so the training distribution never contains them).
+    ``objects`` fixes the (color, shape, motion) triples and ``background`` the background color
+    (positions, sizes and the rest stay random); otherwise one or two objects are drawn. Samples
+    with an object whose (color, shape, background) is in ``exclude`` (by default the held-out
+    combinations, so the training distribution never contains them) are drawn again.
     """
     rng = np.random.default_rng(seed)
     for _ in range(1000):
@@ -232,11 +239,8 @@ def sample_spec(
             chosen = []
             colors = list(rng.permutation(list(COLORS))[:n])
             for c in colors:
-                while True:
-                    s = SHAPES[int(rng.integers(len(SHAPES)))]
-                    m = list(MOTIONS)[int(rng.integers(len(MOTIONS)))]
-                    if (c, s, m) not in exclude:
-                        break
+                s = SHAPES[int(rng.integers(len(SHAPES)))]
+                m = list(MOTIONS)[int(rng.integers(len(MOTIONS)))]
                 chosen.append((str(c), s, m))
         objs = []
         for c, s, m in chosen:
@@ -247,7 +251,9 @@ def sample_spec(
         if len(objs) == 2 and not _apart(objs[0], objs[1]):
             continue
         bg_names = list(BACKGROUNDS)
-        bg = bg_names[int(rng.integers(len(bg_names)))]
+        bg = bg_names[int(rng.integers(len(bg_names)))] if background is None else background
+        if any((c, s, bg) in exclude for c, s, _ in chosen):
+            continue
         kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
         bg2 = bg_names[int(rng.integers(len(bg_names)))]
         pattern = (float(rng.uniform(2.0, 6.0)), float(rng.uniform(0, math.pi)), float(rng.uniform(0, 2 * math.pi)))

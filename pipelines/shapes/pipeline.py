@@ -3,7 +3,7 @@
 Components, all standard classes so ``ShapesPipeline.from_pretrained(local_dir)`` runs diffusers'
 own loading path: a word-level ``PreTrainedTokenizerFast``, a tiny ``T5EncoderModel`` text
 encoder, a ``WanTransformer3DModel`` denoiser working directly on pixels (patch 1x4x4, so the
-default 17x64x64 video is 4352 tokens) and a ``FlowMatchEulerDiscreteScheduler``.
+default 17x64x64 video is 4352 tokens; its input carries a clip-time channel next to RGB) and a ``FlowMatchEulerDiscreteScheduler``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ TRANSFORMER_CONFIG = dict(
     patch_size=PATCH,
     num_attention_heads=4,
     attention_head_dim=64,
-    in_channels=3,
+    in_channels=4,  # RGB + the clip-time channel (see with_time_channel)
     out_channels=3,
     text_dim=128,
     freq_dim=256,
@@ -114,6 +114,17 @@ def encode_text(tokenizer, text_encoder, prompts: list[str], device, dtype) -> t
     mask = batch.attention_mask.to(device)
     hidden = text_encoder(ids, attention_mask=mask).last_hidden_state
     return (hidden * mask[..., None].to(hidden.dtype)).to(dtype)
+
+
+def with_time_channel(x: torch.Tensor) -> torch.Tensor:
+    """Append a channel holding each frame's clip time, from -1 (first) to 1 (last); 0 for an image.
+
+    Wan's RoPE encodes only relative positions, so without it the model cannot tell the start of a
+    clip from its end and confuses a motion with its reverse ("moving left" drawn moving right).
+    """
+    B, _, F, H, W = x.shape
+    tau = torch.linspace(-1.0, 1.0, F, device=x.device) if F > 1 else torch.zeros(1, device=x.device)
+    return torch.cat([x, tau.to(x.dtype).view(1, 1, F, 1, 1).expand(B, 1, F, H, W)], dim=1)
 
 
 def _sha256(path: Path) -> str:
@@ -338,7 +349,7 @@ class ShapesPipeline(DiffusionPipeline):
             dtype,
         )
         batch = prompt_embeds.shape[0]
-        shape = (batch, self.transformer.config.in_channels, num_frames, height, width)
+        shape = (batch, self.transformer.config.out_channels, num_frames, height, width)
         if latents is None:
             from diffusers.utils.torch_utils import randn_tensor
 
@@ -355,7 +366,7 @@ class ShapesPipeline(DiffusionPipeline):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                x = latents.to(dtype)
+                x = with_time_channel(latents.to(dtype))
                 timestep = t.expand(batch)
                 with self.transformer.cache_context("cond"):
                     noise_pred = self.transformer(

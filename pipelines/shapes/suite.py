@@ -1,8 +1,8 @@
 """The ShapesBench held-out prompt suite, and sample grids for looking at generations.
 
-Every prompt of the suite contains at least one (color, shape, motion) combination that the
-trainer never shows (``data.HELD_OUT``); each prompt comes with the fixed generation seed the
-evals use. Half of the prompts have one object, half two.
+Every prompt of the suite puts an object in front of a background it never appears on in
+training (a held-out (color, shape, background) combination, ``data.HELD_OUT``); each prompt
+comes with the fixed generation seed the evals use. Half of the prompts have one object, half two.
 """
 
 from __future__ import annotations
@@ -17,23 +17,24 @@ SUITE_SEED_BASE = 1_000_000_000  # far from the trainer's sample seeds (0, 1, 2,
 
 
 def held_out_suite(n: int = 64) -> list[dict]:
-    """``n`` held-out prompts as ``{"prompt", "seed", "spec"}``; deterministic."""
+    """``n`` held-out prompts as ``{"prompt", "seed", "spec"}``; deterministic.
+
+    Prompt ``2k`` puts the ``k``-th held-out (color, shape, background) combination alone with a
+    random motion, prompt ``2k + 1`` adds a second object of another color.
+    """
+    from .data import COLORS, MOTIONS, SHAPES
+
     triples = sorted(HELD_OUT)
     rng = np.random.default_rng(SUITE_SEED_BASE)
+    motions = list(MOTIONS)
     out = []
     for i in range(n):
-        first = triples[(i // 2) % len(triples)]  # each held-out triple alone, then with a partner
-        if i % 2 == 0:
-            objects = [first]
-        else:
-            while True:  # a second object of another color, from the training distribution
-                other = triples[int(rng.integers(len(triples)))]
-                if other[0] != first[0]:
-                    break
-            objects = [first, (other[0], other[1], "static" if other[2] != "static" else "left")]
-            if tuple(objects[1]) in HELD_OUT:
-                objects[1] = (other[0], other[1], "right")
-        spec = sample_spec(SUITE_SEED_BASE + i, objects=objects, exclude=frozenset())
+        color, shape, background = triples[(i // 2) % len(triples)]
+        objects = [(color, shape, motions[int(rng.integers(len(motions)))])]
+        if i % 2:
+            other = [c for c in COLORS if c != color][int(rng.integers(len(COLORS) - 1))]
+            objects.append((other, SHAPES[int(rng.integers(len(SHAPES)))], motions[int(rng.integers(len(motions)))]))
+        spec = sample_spec(SUITE_SEED_BASE + i, objects=objects, background=background, exclude=frozenset())
         out.append({"prompt": spec.prompt, "seed": i, "spec": spec})
     return out
 

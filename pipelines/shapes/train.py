@@ -37,6 +37,7 @@ from .pipeline import (
     ShapesPipeline,
     build_components,
     encode_text,
+    with_time_channel,
 )
 from .suite import held_out_suite, save_grid
 
@@ -125,9 +126,9 @@ def train(args) -> None:
         for e, s in zip(ema, state["ema"]):
             e.copy_(s)
         step, counter, train_s, last_sample = state["step"], state["counter"], state["train_s"], state["last_sample"]
-        torch.set_rng_state(state["rng_cpu"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
         if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"])
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
         print(f"resumed at step {step}, {train_s / 60:.1f} of {args.minutes} training minutes", flush=True)
     rng = np.random.default_rng([args.seed, step])
     total_s = args.minutes * 60
@@ -181,7 +182,7 @@ def train(args) -> None:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             emb = encode_text(tok, te, prompts, device, torch.float32)
-            pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False)[0]
+            pred = tr(hidden_states=with_time_channel(xt), timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

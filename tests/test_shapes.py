@@ -1,0 +1,149 @@
+"""ShapesBench: procedural data, checker against ground truth, pipeline loading, shipped weights."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dit_accel.evals import shapes as checker
+from dit_accel.evals.metrics import temporal_flickering
+from dit_accel.pipelines import REFERENCE_DIR, load_reference
+from dit_accel.pipelines.shapes import data
+from dit_accel.pipelines.shapes.pipeline import DEFAULT_SIZE, PATCH, ShapesPipeline
+from dit_accel.pipelines.shapes.suite import held_out_suite
+
+
+def test_samples_are_deterministic_and_prompts_parse_back():
+    a, b = data.sample_spec(123), data.sample_spec(123)
+    assert a == b
+    assert torch.equal(data.render([a], 5, 32, 32), data.render([b], 5, 32, 32))
+    for seed in range(200):
+        spec = data.sample_spec(seed)
+        parsed = data.parse_prompt(spec.prompt)
+        assert parsed == [(o.color, o.shape, o.motion) for o in spec.objects]
+        assert not data.is_held_out(spec)
+    img = data.sample_spec(7, image=True)
+    assert all(m is None for _, _, m in data.parse_prompt(img.prompt))
+
+
+def test_render_geometry_matches_the_spec():
+    """An object's rendered pixels sit where the spec says, in its color (independent of the checker)."""
+    spec = data.sample_spec(5, objects=[("red", "square", "right")])
+    v = (data.render([spec], 9, 64, 64)[0] + 1) / 2  # [3, F, H, W]
+    red = torch.tensor(data.COLORS["red"])[:, None, None]
+    obj = spec.objects[0]
+    for f in (0, 8):
+        mask = ((v[:, f] - red).abs().amax(0) < 0.05).float()
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        cx, cy = (xs.float().mean() + 0.5) / 64, (ys.float().mean() + 0.5) / 64
+        ex, ey = obj.center(f / 8)
+        assert abs(cx - ex) < 0.02 and abs(cy - ey) < 0.02
+        side = 2 * 0.86 * obj.radius * 64  # square half-side is 0.86 r
+        assert abs(mask.sum().item() - side**2) / side**2 < 0.15
+
+
+@pytest.mark.parametrize(("frames", "size", "image"), [(17, 64, False), (9, 48, False), (1, 64, True)])
+def test_checker_on_ground_truth(frames, size, image):
+    specs = [data.sample_spec(50_000 + i, image=image, exclude=frozenset()) for i in range(120)]
+    videos = data.render(specs, frames, size, size)
+    res = checker.score(list(videos), [s.prompt for s in specs])
+    assert res["color"] >= 0.98 and res["shape"] >= 0.98
+    if image:
+        assert res["motion"] is None
+    else:
+        assert res["motion"] >= 0.98
+
+
+def test_checker_rejects_wrong_answers():
+    """Swapping the prompt for one with another shape / motion / color must lower the scores."""
+    spec = data.sample_spec(9, objects=[("green", "circle", "up")])
+    video = data.render([spec], 17, 64, 64)[0]
+    good = checker.score_video(video, spec.prompt)["objects"][0]
+    assert good["color_ok"] and good["shape_ok"] and good["motion_ok"]
+    wrong = checker.score_video(video, "a green triangle moving down on a black background")["objects"][0]
+    assert wrong["color_ok"] and not wrong["shape_ok"] and not wrong["motion_ok"]
+    res = checker.score_video(video, "a blue circle moving up on a black background")
+    assert not res["objects"][0]["color_ok"] and res["spurious"] == ["green"]
+    with pytest.raises(ValueError, match="prompt"):
+        checker.score_video(video, "a cat on a mat")
+
+
+def test_motion_rules_by_hand():
+    assert checker.classify_motion((0.3, 0.0), 0.0) == "right"
+    assert checker.classify_motion((-0.2, -0.2), 0.0) == "up-left"
+    assert checker.classify_motion((0.01, 0.02), 0.0) == "static"
+    assert checker.classify_motion((0.0, 0.0), math.log(3)) == "growing"
+    assert checker.classify_motion((0.0, 0.0), -math.log(3)) == "shrinking"
+
+
+def test_held_out_suite_is_unseen_and_fixed():
+    suite = held_out_suite(64)
+    assert len(suite) == 64 and suite[0]["prompt"] == held_out_suite(64)[0]["prompt"]
+    for r in suite:
+        assert data.is_held_out(r["spec"])
+        assert f"{r['spec'].background} " in r["prompt"].split(" on a ")[1]
+    assert {len(r["spec"].objects) for r in suite} == {1, 2}
+
+
+def test_temporal_flickering_by_hand():
+    rng = np.random.default_rng(0)
+    still = np.repeat(rng.random((1, 8, 8, 3)), 4, axis=0)
+    assert temporal_flickering(still) == 1.0
+    a = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    a[1] = 51  # every pixel changes by 51 of 255
+    assert temporal_flickering(a) == pytest.approx((255 - 51) / 255)
+
+
+def test_default_size_has_enough_tokens():
+    f, h, w = DEFAULT_SIZE["num_frames"], DEFAULT_SIZE["height"], DEFAULT_SIZE["width"]
+    assert (f // PATCH[0]) * (h // PATCH[1]) * (w // PATCH[2]) >= 4096
+
+
+def test_shipped_weights_are_small_and_sharded():
+    files = [p for p in REFERENCE_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    assert max(p.stat().st_size for p in files) <= 16 * 2**20
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_reference(device="cpu")
+
+
+def test_reference_generates_video_and_image(reference):
+    out = reference("a red circle moving right on a black background", num_frames=5, height=32, width=32,
+                    num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.frames.shape == (1, 5, 32, 32, 3) and 0 <= out.frames.min() and out.frames.max() <= 1
+    img = reference("a red circle on a black background", num_frames=1, num_inference_steps=2, output_type="pil")
+    assert len(img.frames[0]) == 1 and img.frames[0][0].size == (64, 64)
+
+
+def test_pipeline_rejects_bad_sizes(reference):
+    with pytest.raises(ValueError, match="height"):
+        reference("a red circle on a black background", height=30)
+    with pytest.raises(ValueError, match="num_frames"):
+        reference("a red circle on a black background", num_frames=0)
+
+
+def test_save_and_load_roundtrip_and_corruption(reference, tmp_path):
+    d = tmp_path / "model"
+    reference.save_pretrained(d)
+    again = ShapesPipeline.from_pretrained(d)
+    for (n, p), (_, q) in zip(reference.transformer.state_dict().items(), again.transformer.state_dict().items()):
+        assert torch.equal(p, q), n
+    sums = json.loads((d / "checksums.json").read_text())
+    shard = d / sorted(k for k in sums if k.startswith("transformer/"))[0]
+    data_ = bytearray(shard.read_bytes())
+    data_[-10] ^= 0xFF
+    shard.write_bytes(bytes(data_))
+    with pytest.raises(ValueError, match="corrupted"):
+        ShapesPipeline.from_pretrained(d)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ShapesPipeline.from_pretrained(d)
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        load_reference(device="cpu", path=tmp_path / "nowhere")
+    shutil.rmtree(d)
