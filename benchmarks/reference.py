@@ -21,13 +21,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from dit_accel.benchmarks.report import RESULTS, environment, median, print_table, write_result
+from dit_accel.benchmarks.report import (
+    RESULTS,
+    device_tag,
+    environment,
+    median,
+    print_table,
+    write_result,
+)
 from dit_accel.evals import shapes as checker
 from dit_accel.evals.attention import AttentionProbe
 from dit_accel.evals.metrics import temporal_flickering
 from dit_accel.pipelines import load_reference
-from dit_accel.pipelines.shapes.pipeline import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, SMALL_SIZE
+from dit_accel.pipelines.shapes.pipeline import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SIZE,
+    DEFAULT_STEPS,
+    SMALL_SIZE,
+)
 from dit_accel.pipelines.shapes.suite import held_out_suite, save_grid
 
 
@@ -167,7 +178,7 @@ def main(argv=None) -> None:
         ap.error(f"--parts: unknown {sorted(unknown)}; choose from quality, speed, attention")
     pipe = load_reference(device=device, dtype=None, path=args.model)
     pipe.set_progress_bar_config(disable=True)
-    tag = environment()["device"].replace(" ", "-").replace("/", "-")
+    tag = device_tag(environment()["device"])
     payload: dict = {"command": "python -m dit_accel.benchmarks.reference " + " ".join(argv or []),
                      "dtype": str(pipe.transformer.dtype)}
     if "quality" in parts:

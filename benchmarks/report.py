@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import tempfile
@@ -25,12 +26,15 @@ def _version(dist: str) -> str | None:
 
 
 def _commit() -> str | None:
+    """DIT_ACCEL_COMMIT when set (the GPU machine's copy of the tree carries a stale .git), else git HEAD."""
+    if os.environ.get("DIT_ACCEL_COMMIT"):
+        return os.environ["DIT_ACCEL_COMMIT"]
     try:
         root = Path(__file__).resolve().parent.parent
         return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DIT_ACCEL_COMMIT")
+        return None
 
 
 def environment() -> dict:
@@ -47,7 +51,7 @@ def environment() -> dict:
         "sageattention": _version("sageattention"),
         "xformers": _version("xformers"),
         "commit": _commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -71,13 +75,17 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def device_tag(device: str) -> str:
+    """A file-name-safe form of a device name: "NVIDIA H100 80GB HBM3" -> "NVIDIA-H100-80GB-HBM3"."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", device).strip("-")
+
+
 def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     """Write `payload` (plus the environment) as JSON atomically; returns the path."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
-    tag = env["device"].replace(" ", "-").replace("/", "-")
-    path = out_dir / f"{name}-{tag}-{env['date'][:10]}.json"
+    path = out_dir / f"{name}-{device_tag(env['device'])}-{env['date'][:10]}.json"
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump({"benchmark": name, "environment": env, **payload}, f, indent=2)

@@ -120,7 +120,7 @@ def classify_motion(displacement: tuple[float, float], log_area_ratio: float) ->
     dx, dy = displacement
     if math.hypot(dx, dy) < STATIC_TRAVEL:
         return "static"
-    sector = int(round(math.degrees(math.atan2(-dy, dx)) / 45.0)) % 8  # 0 = right, counter-clockwise
+    sector = round(math.degrees(math.atan2(-dy, dx)) / 45.0) % 8  # 0 = right, counter-clockwise
     return ["right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right"][sector]
 
 

@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from dit_accel.evals import shapes as checker
 from dit_accel.evals.metrics import temporal_flickering
 from dit_accel.pipelines import REFERENCE_DIR, load_reference
@@ -147,3 +146,18 @@ def test_save_and_load_roundtrip_and_corruption(reference, tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_reference(device="cpu", path=tmp_path / "nowhere")
     shutil.rmtree(d)
+
+
+def test_dense_adapter_matches_stock_on_the_trained_model(reference):
+    """The Wan adapter runs the trained reference model exactly like diffusers' own processor."""
+    from dit_accel import Dense, apply
+
+    kw = {"prompt": "a red circle moving right and a blue square growing on a black background", "num_frames": 3,
+          "height": 32, "width": 32, "num_inference_steps": 2, "output_type": "latent"}
+    stock = reference(**kw, generator=torch.Generator().manual_seed(1)).frames
+    handle = apply(reference, attention=Dense(backend="sdpa"))
+    try:
+        ours = reference(**kw, generator=torch.Generator().manual_seed(1)).frames
+    finally:
+        handle.remove()
+    assert (ours - stock).abs().max().item() <= 1e-5

@@ -182,7 +182,7 @@ def held_out_triples() -> frozenset[tuple[str, str, str]]:
 HELD_OUT = held_out_triples()
 
 
-def is_held_out(spec: "SampleSpec") -> bool:
+def is_held_out(spec: SampleSpec) -> bool:
     return any((o.color, o.shape, spec.background) in HELD_OUT for o in spec.objects)
 
 

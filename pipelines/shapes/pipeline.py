@@ -292,6 +292,18 @@ class ShapesPipeline(DiffusionPipeline):
 
     # ---------------------------------------------------------------- generation
 
+    def _predict(self, x, timestep, embeds, branch: str, attention_kwargs):
+        """One transformer pass under its CFG branch's cache context (as diffusers' Wan pipeline does)."""
+        with self.transformer.cache_context(branch):
+            out = self.transformer(
+                hidden_states=x,
+                timestep=timestep,
+                encoder_hidden_states=embeds,
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
+        return out.float()
+
     @torch.no_grad()
     def __call__(
         self,
@@ -368,23 +380,9 @@ class ShapesPipeline(DiffusionPipeline):
                 self._current_timestep = t
                 x = with_time_channel(latents.to(dtype))
                 timestep = t.expand(batch)
-                with self.transformer.cache_context("cond"):
-                    noise_pred = self.transformer(
-                        hidden_states=x,
-                        timestep=timestep,
-                        encoder_hidden_states=prompt_embeds,
-                        attention_kwargs=attention_kwargs,
-                        return_dict=False,
-                    )[0].float()
+                noise_pred = self._predict(x, timestep, prompt_embeds, "cond", attention_kwargs)
                 if self.do_classifier_free_guidance:
-                    with self.transformer.cache_context("uncond"):
-                        noise_uncond = self.transformer(
-                            hidden_states=x,
-                            timestep=timestep,
-                            encoder_hidden_states=negative_prompt_embeds,
-                            attention_kwargs=attention_kwargs,
-                            return_dict=False,
-                        )[0].float()
+                    noise_uncond = self._predict(x, timestep, negative_prompt_embeds, "uncond", attention_kwargs)
                     noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:

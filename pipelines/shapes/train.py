@@ -133,7 +133,6 @@ def train(args) -> None:
     rng = np.random.default_rng([args.seed, step])
     total_s = args.minutes * 60
     started = time.time()
-    log = open(out / "log.jsonl", "a")
 
     def save_checkpoint():
         _atomic_save(
@@ -163,7 +162,7 @@ def train(args) -> None:
         if args.budget_s and time.time() - started > args.budget_s:
             break
         t0 = time.time()
-        name, nf, h, w, bs, _ = MODES[int(rng.choice(len(MODES), p=probs))]
+        _name, nf, h, w, bs, _ = MODES[int(rng.choice(len(MODES), p=probs))]
         bs = max(1, int(bs * args.batch_scale))
         specs = [sample_spec(counter + i, image=(nf == 1)) for i in range(bs)]
         counter += bs
@@ -200,8 +199,8 @@ def train(args) -> None:
             row = {"step": step, "loss": float(losses.mean()), "lr": lr, "train_min": round(train_s / 60, 3),
                    "samples": counter, "samples_per_s": round(samples_since / (now - t_log), 1)}
             t_log, samples_since = now, 0
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            with open(out / "log.jsonl", "a") as log:
+                log.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
         if device.type == "cuda" and step % args.log_every == 0:
             torch.cuda.synchronize()
@@ -212,7 +211,6 @@ def train(args) -> None:
             sample(ShapesPipeline(tok, snap_te, snap_tr, comps["scheduler"]), out / "samples" / f"step{step:06d}.png", steps=args.sample_steps)
             del snap_tr, snap_te
     save_checkpoint()
-    log.close()
     if train_s < total_s:
         print(f"stopped after --budget-s at step {step} ({train_s / 60:.1f}/{args.minutes} min); "
               "run the same command again to resume", flush=True)
@@ -220,7 +218,7 @@ def train(args) -> None:
     state, snap_tr, snap_te = ema_state()
     sample(ShapesPipeline(tok, snap_te, snap_tr, comps["scheduler"]), out / "samples" / f"final-step{step:06d}.png", steps=args.sample_steps)
     export_pipeline(comps, state, out / "pipeline")
-    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     summary = {"steps": step, "samples": counter, "train_minutes": round(train_s / 60, 2), "args": vars(args),
                "modes": MODES, "loss_curve": [[r["step"], r["train_min"], r["loss"]] for r in rows]}
     tmp = out / "training.json.tmp"
