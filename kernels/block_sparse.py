@@ -1,0 +1,235 @@
+"""Block-sparse forward attention: Triton kernel, PyTorch reference twin, layout helpers.
+
+The layout is a compact list per (batch, head, query tile) of the key tiles to visit
+(``kv_blocks[b, h, m, :kv_counts[b, h, m]]``), not a dense mask to scan, so the kernel's work is
+proportional to the tiles it computes. Query rows attend, with an exact softmax, to every key of
+the listed tiles and to nothing else; a row whose tile lists nothing gets output 0 and LSE -inf.
+Leading batch/head dimensions of the layout may be 1 (broadcast).
+
+Sequences need not be multiples of the tile (the last tile is ragged); head_dim may be any size
+up to 256 (64/96/128 are the DiT cases: non-powers of two are padded inside the kernel).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+try:  # triton is a Linux dependency; the reference twin serves elsewhere
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+TILE = 128
+_warned: set[str] = set()
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout helpers
+
+
+def tiles_to_blocks(tile_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact a bool ``[B, H, n_q_tiles, n_k_tiles]`` tile mask into (kv_blocks, kv_counts).
+
+    kv_blocks: int32 ``[B, H, n_q_tiles, max_count]``, the visited key tiles in increasing order
+    (entries past ``kv_counts`` repeat the last valid one and are never read); kv_counts: int32
+    ``[B, H, n_q_tiles]``.
+    """
+    if tile_mask.dim() != 4 or tile_mask.dtype != torch.bool:
+        raise ValueError(f"tile_mask: expected a bool [B, H, q_tiles, k_tiles] tensor, got {tile_mask.dtype} "
+                         f"{tuple(tile_mask.shape)}")
+    n_k = tile_mask.shape[-1]
+    idx = torch.arange(n_k, device=tile_mask.device, dtype=torch.int32).expand_as(tile_mask)
+    keyed = torch.where(tile_mask, idx, torch.full_like(idx, n_k))
+    ordered = keyed.sort(dim=-1).values
+    counts = tile_mask.sum(-1, dtype=torch.int32)
+    width = max(1, int(counts.max().item()) if counts.numel() else 1)
+    blocks = ordered[..., :width].clamp_max(n_k - 1).contiguous()
+    return blocks, counts.contiguous()
+
+
+def add_dense_ranges(tile_mask: torch.Tensor, ranges, seq_len: int, tile: int = TILE) -> torch.Tensor:
+    """Make the token ranges ``[(start, stop), ...]`` dense as queries and as keys.
+
+    Every query tile touching a range visits all key tiles, and every key tile touching a range is
+    visited by all query tiles (text tokens in joint attention stay dense).
+    """
+    out = tile_mask.clone()
+    for start, stop in ranges:
+        if not (0 <= start < stop <= seq_len):
+            raise ValueError(f"ranges: ({start}, {stop}) is not inside the sequence [0, {seq_len})")
+        first, last = start // tile, (stop - 1) // tile
+        out[..., first : last + 1, :] = True
+        out[..., :, first : last + 1] = True
+    return out
+
+
+def blocks_to_mask(kv_blocks: torch.Tensor, kv_counts: torch.Tensor, q_len: int, k_len: int,
+                   block_m: int = TILE, block_n: int = TILE) -> torch.Tensor:
+    """The explicit bool ``[B, H, q_len, k_len]`` mask a block layout stands for."""
+    n_k = math.ceil(k_len / block_n)
+    valid = torch.arange(kv_blocks.shape[-1], device=kv_blocks.device) < kv_counts[..., None]
+    tiles = torch.zeros(*kv_blocks.shape[:-1], n_k + 1, dtype=torch.bool, device=kv_blocks.device)
+    tiles.scatter_(-1, torch.where(valid, kv_blocks.long(), torch.full_like(kv_blocks.long(), n_k)), True)
+    tiles = tiles[..., :n_k]
+    rows = tiles.repeat_interleave(block_m, dim=-2)[..., :q_len, :]
+    return rows.repeat_interleave(block_n, dim=-1)[..., :k_len]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference twin
+
+
+def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
+                                     scale: float | None = None, return_lse: bool = False):
+    """PyTorch twin of :func:`block_sparse_attention` (fp32 math through an explicit mask)."""
+    _check(q, k, v, kv_blocks, kv_counts, block_m, block_n)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = blocks_to_mask(kv_blocks, kv_counts, q.shape[2], k.shape[2], block_m, block_n)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    out = (p @ v.float()).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _check(q, k, v, kv_blocks, kv_counts, block_m, block_n) -> None:
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q, k, v: expected [B, H, S, D] with matching B, H, D; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    n_q = math.ceil(q.shape[2] / block_m)
+    B, H = q.shape[:2]
+    if kv_blocks.dim() != 4 or kv_blocks.shape[2] != n_q or kv_counts.shape != kv_blocks.shape[:3]:
+        raise ValueError(f"kv_blocks / kv_counts: expected [B|1, H|1, {n_q}, n] and [B|1, H|1, {n_q}] for "
+                         f"{q.shape[2]} queries in tiles of {block_m}; got {tuple(kv_blocks.shape)} and "
+                         f"{tuple(kv_counts.shape)}")
+    if kv_blocks.shape[0] not in (1, B) or kv_blocks.shape[1] not in (1, H):
+        raise ValueError(f"kv_blocks: batch/head dims must be 1 or {B}/{H}, got {tuple(kv_blocks.shape[:2])}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+
+if triton is not None:
+
+    @triton.jit
+    def _block_sparse_fwd(
+        Q, K, V, Out, Lse, Blocks, Counts, sm_scale,
+        sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
+        sbb, sbh, sbm, scb, sch,
+        H, S_Q, S_K, HEAD_D,
+        D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        row_ok = offs_m < S_Q
+        d_ok = offs_d < HEAD_D
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
+        count = tl.load(Counts + b * scb + h * sch + pid_m)
+        block_row = Blocks + b * sbb + h * sbh + pid_m * sbm
+        for i in range(count):
+            kb = tl.load(block_row + i)
+            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < S_K
+            kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * sks + offs_d[:, None],
+                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            if DOT_F32:
+                kt = kt.to(tl.float32)
+            qk = tl.dot(q, kt) * qk_scale
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vv = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :],
+                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_F32:
+                vv = vv.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+            m_i = m_new
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        tl.store(Out + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+        if RETURN_LSE:
+            lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+            tl.store(Lse + pid_bh * S_Q + offs_m, lse, mask=row_ok)
+
+
+def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
+                                  scale: float | None = None, return_lse: bool = False):
+    """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)."""
+    if triton is None:
+        raise RuntimeError("block_sparse_attention_triton: triton is not installed; use the reference twin")
+    _check(q, k, v, kv_blocks, kv_counts, block_m, block_n)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, S_q, D = q.shape
+    if D > 256:
+        raise ValueError(f"head_dim: at most 256 is supported, got {D}")
+    scale = D**-0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, S_q, device=q.device, dtype=torch.float32) if return_lse else out
+    blocks = kv_blocks.to(torch.int32)
+    counts = kv_counts.to(torch.int32)
+    sb = [blocks.stride(0) if blocks.shape[0] > 1 else 0, blocks.stride(1) if blocks.shape[1] > 1 else 0,
+          blocks.stride(2)]
+    sc = [counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1) if counts.shape[1] > 1 else 0]
+    grid = (math.ceil(S_q / block_m), B * H)
+    _block_sparse_fwd[grid](
+        q, k, v, out, lse, blocks, counts, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *sb, *sc, H, S_q, k.shape[2], D,
+        D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, RETURN_LSE=return_lse,
+        # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
+        # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
+        DOT_F32=not q.is_cuda,
+    )
+    return (out, lse) if return_lse else out
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
+                           scale: float | None = None, return_lse: bool = False):
+    """Block-sparse attention: the Triton kernel where it can run, else the reference twin (logged once).
+
+    Args:
+        q, k, v: ``[B, H, S, D]`` (bf16/fp16 on GPU; any float dtype for the reference).
+        kv_blocks, kv_counts: the layout, see :func:`tiles_to_blocks`.
+        block_m, block_n: query / key tile sizes the layout counts in.
+        scale: softmax scale (default ``D ** -0.5``).
+        return_lse: also return the natural-log LSE per query row, float32 ``[B, H, S]``.
+    """
+    if triton_usable(q):
+        return block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
+                                             scale=scale, return_lse=return_lse)
+    key = q.device.type
+    if key not in _warned:
+        _warned.add(key)
+        logger.info("block_sparse_attention: no Triton for %s tensors; using the PyTorch reference twin "
+                    "(explicit mask, slower)", key)
+    return block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
+                                            scale=scale, return_lse=return_lse)

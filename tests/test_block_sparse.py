@@ -1,0 +1,118 @@
+"""Block-sparse attention kernel (Triton under TRITON_INTERPRET=1 on CPU) vs its reference twin vs float64."""
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dit_accel.kernels import block_sparse as bs
+
+pytestmark = pytest.mark.skipif(bs.triton is None, reason="triton not installed")
+
+
+def _float64_attention(q, k, v, tile_mask, tile):
+    """Independent oracle: explicit token mask from the tile mask (Kronecker expansion), float64 softmax."""
+    S_q, S_k = q.shape[2], k.shape[2]
+    ones = torch.ones(tile, tile, dtype=torch.float64)
+    mask = torch.stack([torch.stack([torch.kron(tile_mask[b, h].double(), ones)[:S_q, :S_k] > 0
+                                     for h in range(tile_mask.shape[1])]) for b in range(tile_mask.shape[0])])
+    s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True).clamp_min(-1e300)
+    e = torch.exp(s - m)
+    denom = e.sum(-1, keepdim=True)
+    out = torch.where(denom > 0, (e @ v.double()) / denom.clamp_min(1e-300), torch.zeros((), dtype=torch.float64))
+    lse = torch.where(denom[..., 0] > 0, m[..., 0] + torch.log(denom[..., 0].clamp_min(1e-300)),
+                      torch.full_like(m[..., 0], float("-inf")))
+    return out, lse
+
+
+def _inputs(B, H, S, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("B", "H", "S", "D", "dtype", "tile"),
+    [
+        (2, 2, 300, 64, torch.bfloat16, 128),   # ragged last tile, batch 2
+        (1, 3, 256, 128, torch.float16, 128),   # exact tiles, d=128
+        (2, 1, 200, 96, torch.bfloat16, 64),    # d=96 (padded inside the kernel), 64-token tiles
+        (1, 2, 77, 64, torch.float16, 32),      # shorter than one default tile
+    ],
+)
+def test_kernel_equals_reference_and_float64(B, H, S, D, dtype, tile):
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh inputs every run, reported on failure
+    q, k, v = _inputs(B, H, S, D, dtype, seed)
+    n = math.ceil(S / tile)
+    g = torch.Generator().manual_seed(seed + 1)
+    tile_mask = torch.rand(B, H, n, n, generator=g) < 0.45
+    tile_mask = bs.add_dense_ranges(tile_mask, [(S - 10, S)], S, tile)  # "text" tokens at the end stay dense
+    tile_mask[0, 0, 0] = False  # a query tile with nothing to visit (overrides the text range): output 0, LSE -inf
+    blocks, counts = bs.tiles_to_blocks(tile_mask)
+    out, lse = bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=tile, block_n=tile, return_lse=True)
+    ref, ref_lse = bs.block_sparse_attention_reference(q, k, v, blocks, counts, block_m=tile, block_n=tile,
+                                                       return_lse=True)
+    exact, exact_lse = _float64_attention(q, k, v, tile_mask, tile)
+    eps = 2**-8 if dtype == torch.bfloat16 else 2**-11  # unit roundoff of the output dtype
+    scale = exact.abs().amax().item()
+    for name, got in (("kernel", out), ("reference", ref)):
+        err = (got.double() - exact).abs().amax().item() / scale
+        assert err <= 4 * eps, f"{name}: relative error {err:.2e} > {4 * eps:.2e} (seed {seed})"
+    finite = exact_lse.isfinite()
+    assert torch.equal(lse.isfinite(), finite) and torch.equal(ref_lse.isfinite(), finite)
+    assert (lse.double() - exact_lse)[finite].abs().max() <= 1e-3
+    assert (ref_lse.double() - exact_lse)[finite].abs().max() <= 1e-3
+
+
+def test_full_density_equals_dense_attention():
+    q, k, v = _inputs(2, 2, 190, 64, torch.float16, 3)
+    n = math.ceil(190 / 64)
+    blocks, counts = bs.tiles_to_blocks(torch.ones(1, 1, n, n, dtype=torch.bool))  # broadcast over B, H
+    out = bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=64, block_n=64)
+    dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert (out.float() - dense).abs().max() <= 2e-3
+
+
+def test_layout_round_trip():
+    g = torch.Generator().manual_seed(0)
+    tile_mask = torch.rand(2, 3, 5, 4, generator=g) < 0.5
+    blocks, counts = bs.tiles_to_blocks(tile_mask)
+    assert torch.equal(counts, tile_mask.sum(-1).int())
+    mask = bs.blocks_to_mask(blocks, counts, 5 * 8 - 3, 4 * 8 - 5, 8, 8)
+    expect = tile_mask.repeat_interleave(8, -2).repeat_interleave(8, -1)[..., : 5 * 8 - 3, : 4 * 8 - 5]
+    assert torch.equal(mask, expect)
+    for b in range(2):
+        for h in range(3):
+            for m in range(5):
+                listed = blocks[b, h, m, : counts[b, h, m]].tolist()
+                assert listed == torch.nonzero(tile_mask[b, h, m]).flatten().tolist()
+
+
+def test_dense_ranges_cover_rows_and_columns():
+    tm = bs.add_dense_ranges(torch.zeros(1, 1, 4, 4, dtype=torch.bool), [(130, 140)], 500, 128)
+    assert tm[0, 0, 1].all() and tm[0, 0, :, 1].all() and tm.sum() == 7
+    with pytest.raises(ValueError, match="ranges"):
+        bs.add_dense_ranges(tm, [(400, 600)], 500, 128)
+
+
+def test_bad_layout_is_named():
+    q, k, v = _inputs(1, 1, 100, 64, torch.float16, 0)
+    blocks, counts = bs.tiles_to_blocks(torch.ones(1, 1, 2, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="kv_blocks"):
+        bs.block_sparse_attention(q, k, v, blocks, counts)  # 100 queries are one 128-tile, not two
+    with pytest.raises(ValueError, match="tile_mask"):
+        bs.tiles_to_blocks(torch.ones(2, 2))
+
+
+def test_dispatcher_falls_back_to_the_reference_once(monkeypatch, caplog):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(bs, "_warned", set())
+    q, k, v = _inputs(1, 1, 64, 64, torch.float32, 1)
+    blocks, counts = bs.tiles_to_blocks(torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    with caplog.at_level(logging.INFO, logger=bs.__name__):
+        a = bs.block_sparse_attention(q, k, v, blocks, counts)
+        bs.block_sparse_attention(q, k, v, blocks, counts)
+    assert sum("reference twin" in r.message for r in caplog.records) == 1
+    assert torch.allclose(a, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
