@@ -77,24 +77,27 @@ def to_heads(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1, 3)
 
 
-def project_heads(attn: torch.nn.Module, hidden_states: torch.Tensor,
-                  kv_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def project_heads(attn: torch.nn.Module, hidden_states: torch.Tensor, kv_states: torch.Tensor,
+                  added: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """q from `hidden_states`, k and v from `kv_states`, split into heads as
     `[batch, heads, seq, head_dim]` and QK-normed: the opening lines that diffusers'
     `Attention`-module processors (`AttnProcessor2_0`, `JointAttnProcessor2_0`,
-    `CogVideoXAttnProcessor2_0`) share. Returns `(query, key, value, head_dim)`."""
+    `CogVideoXAttnProcessor2_0`) share. `added=True` uses the context stream's projections and
+    norms (`add_q_proj`..., `norm_added_q/k`) of joint attention. Returns `(query, key, value, head_dim)`."""
+    to_q, to_k, to_v = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if added else (attn.to_q, attn.to_k, attn.to_v)
+    norm_q, norm_k = (attn.norm_added_q, attn.norm_added_k) if added else (attn.norm_q, attn.norm_k)
     batch_size = hidden_states.shape[0]
-    query = attn.to_q(hidden_states)
-    key = attn.to_k(kv_states)
-    value = attn.to_v(kv_states)
+    query = to_q(hidden_states)
+    key = to_k(kv_states)
+    value = to_v(kv_states)
     head_dim = key.shape[-1] // attn.heads
     query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
     key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
     value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
     return query, key, value, head_dim
 
 

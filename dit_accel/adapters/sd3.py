@@ -41,16 +41,9 @@ class SD3Adapter(Adapter):
 
         text_span = None
         if encoder_hidden_states is not None:
-            encoder_query = attn.add_q_proj(encoder_hidden_states)
-            encoder_key = attn.add_k_proj(encoder_hidden_states)
-            encoder_value = attn.add_v_proj(encoder_hidden_states)
-            encoder_query = encoder_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            encoder_key = encoder_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            encoder_value = encoder_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
+            encoder_query, encoder_key, encoder_value, _ = project_heads(
+                attn, encoder_hidden_states, encoder_hidden_states, added=True
+            )
             image_tokens = query.shape[2]
             query = torch.cat([query, encoder_query], dim=2)
             key = torch.cat([key, encoder_key], dim=2)
