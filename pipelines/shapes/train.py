@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -61,28 +62,16 @@ def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: floa
     torch._foreach_add_(ema, params, alpha=1 - decay)
 
 
-def export_pipeline(components: dict, ema_state: dict, out_dir: Path) -> ShapesPipeline:
-    """Build the pipeline with EMA weights and save it (fp16 weights, sharded, with checksums)."""
-    comps = {k: copy.deepcopy(v) for k, v in components.items()}
-    comps["transformer"].load_state_dict(ema_state["transformer"])
-    comps["text_encoder"].load_state_dict(ema_state["text_encoder"])
-    pipe = ShapesPipeline(**comps)
-    half = ShapesPipeline(**{k: copy.deepcopy(v) for k, v in comps.items()})
-    for m in (half.transformer, half.text_encoder):
-        for p in m.parameters():
-            p.data = p.data.half()
+def export_pipeline(pipe: ShapesPipeline, out_dir: Path) -> None:
+    """Save a copy of ``pipe`` with fp16 weights (sharded, with checksums), replacing ``out_dir`` atomically."""
+    half = ShapesPipeline(
+        pipe.tokenizer, copy.deepcopy(pipe.text_encoder).half(), copy.deepcopy(pipe.transformer).half(), pipe.scheduler
+    )
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     half.save_pretrained(tmp)
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    return pipe
 
 
 def sample(pipe: ShapesPipeline, path: Path, n: int = 8, steps: int = DEFAULT_STEPS) -> None:
@@ -146,13 +135,13 @@ def train(args) -> None:
             ckpt,
         )
 
-    def ema_state():
+    def ema_pipeline() -> ShapesPipeline:
+        """The pipeline with the EMA weights (copies of the trained modules)."""
         snap_tr, snap_te = copy.deepcopy(tr), copy.deepcopy(te)
-        snap_params = [p for m in (snap_tr, snap_te) for p in m.parameters()]
         with torch.no_grad():
-            for p, e in zip(snap_params, ema):
+            for p, e in zip([p for m in (snap_tr, snap_te) for p in m.parameters()], ema):
                 p.copy_(e)
-        return {"transformer": snap_tr.state_dict(), "text_encoder": snap_te.state_dict()}, snap_tr, snap_te
+        return ShapesPipeline(tok, snap_te, snap_tr, comps["scheduler"])
 
     probs = np.array([m[5] for m in MODES])
     window: list[float] = []
@@ -202,22 +191,18 @@ def train(args) -> None:
             with open(out / "log.jsonl", "a") as log:
                 log.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-        if device.type == "cuda" and step % args.log_every == 0:
-            torch.cuda.synchronize()
         train_s += time.time() - t0
         if args.sample_every and train_s - last_sample > args.sample_every * 60:
             last_sample = train_s
-            state, snap_tr, snap_te = ema_state()
-            sample(ShapesPipeline(tok, snap_te, snap_tr, comps["scheduler"]), out / "samples" / f"step{step:06d}.png", steps=args.sample_steps)
-            del snap_tr, snap_te
+            sample(ema_pipeline(), out / "samples" / f"step{step:06d}.png", steps=args.sample_steps)
     save_checkpoint()
     if train_s < total_s:
         print(f"stopped after --budget-s at step {step} ({train_s / 60:.1f}/{args.minutes} min); "
               "run the same command again to resume", flush=True)
         return
-    state, snap_tr, snap_te = ema_state()
-    sample(ShapesPipeline(tok, snap_te, snap_tr, comps["scheduler"]), out / "samples" / f"final-step{step:06d}.png", steps=args.sample_steps)
-    export_pipeline(comps, state, out / "pipeline")
+    final = ema_pipeline()
+    sample(final, out / "samples" / f"final-step{step:06d}.png", steps=args.sample_steps)
+    export_pipeline(final, out / "pipeline")
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     summary = {"steps": step, "samples": counter, "train_minutes": round(train_s / 60, 2), "args": vars(args),
                "modes": MODES, "loss_curve": [[r["step"], r["train_min"], r["loss"]] for r in rows]}
