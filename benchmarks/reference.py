@@ -58,9 +58,9 @@ def quality(pipe, device, n, batch, tag, steps=DEFAULT_STEPS) -> dict:
     scores = checker.score(videos, [r["prompt"] for r in suite])
     flicker = [temporal_flickering(v) for v in videos]
     subsets = {}
-    for name, sel in (("one object", [i for i, r in enumerate(suite) if len(r["spec"].objects) == 1]),
-                      ("two objects", [i for i, r in enumerate(suite) if len(r["spec"].objects) == 2])):
-        s = checker.score([videos[i] for i in sel], [suite[i]["prompt"] for i in sel])
+    for name, n_objects in (("one object", 1), ("two objects", 2)):
+        part = [v for v, r in zip(scores["per_video"], suite) if len(r["spec"].objects) == n_objects]
+        s = checker.summarize(part)
         subsets[name] = {k: s[k] for k in ("color", "shape", "motion", "videos")}
     grid = RESULTS / f"reference-samples-{tag}.png"
     save_grid(grid, videos[:16])

@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from dit_accel.evals.metrics import to_frames
 from dit_accel.pipelines.shapes.data import BACKGROUNDS, COLORS, parse_prompt
 
 __all__ = ["SHAPE_PROTOTYPES", "Detection", "analyze_video", "score", "score_video"]
@@ -47,27 +48,6 @@ class Detection:
     displacement: tuple[float, float]  # centroid travel over the clip, frame sides (x right, y down)
     log_area_ratio: float
     frames_present: int
-
-
-def _to_frames(video) -> np.ndarray:
-    """Accept [F, H, W, 3] or [3, F, H, W] numpy/torch, in [0, 1] (float/uint8) or [-1, 1]."""
-    if hasattr(video, "detach"):
-        video = video.detach().float().cpu().numpy()
-    v = np.asarray(video)
-    if v.ndim == 3:  # a single image [H, W, 3]
-        v = v[None]
-    if v.ndim != 4:
-        raise ValueError(f"video: expected [F, H, W, 3] or [3, F, H, W], got shape {v.shape}")
-    if v.shape[-1] != 3 and v.shape[0] == 3:
-        v = np.moveaxis(v, 0, -1)
-    if v.shape[-1] != 3:
-        raise ValueError(f"video: expected 3 color channels, got shape {v.shape}")
-    if v.dtype == np.uint8:
-        return v.astype(np.float32) / 255.0
-    v = v.astype(np.float32)
-    if v.min() < -0.05:  # [-1, 1]
-        v = (v + 1) / 2
-    return np.clip(v, 0, 1)
 
 
 def _object_mask(mask: np.ndarray, min_area: int) -> np.ndarray | None:
@@ -126,7 +106,7 @@ def classify_motion(displacement: tuple[float, float], log_area_ratio: float) ->
 
 def analyze_video(video) -> list[Detection]:
     """Every palette-colored object in the video with its shape and motion."""
-    frames = _to_frames(video)
+    frames = to_frames(video)
     F, H, W, _ = frames.shape
     side = float(min(H, W))
     d = ((frames[..., None, :] - _PALETTE) ** 2).sum(-1)  # [F, H, W, P]
@@ -194,24 +174,28 @@ def score_video(video, prompt: str) -> dict:
     return {"prompt": prompt, "objects": objects, "spurious": spurious}
 
 
-def score(videos: Sequence, prompts: Sequence[str]) -> dict:
-    """Per-attribute accuracy over a set of videos.
+def summarize(per_video: Sequence[dict]) -> dict:
+    """Per-attribute accuracy over ``score_video`` verdicts.
 
     color: objects whose color was found, over prompted objects plus spurious extra objects;
     shape / motion: prompted objects whose color was found *and* whose shape / motion matches.
     """
-    if len(videos) != len(prompts):
-        raise ValueError(f"videos and prompts: got {len(videos)} videos for {len(prompts)} prompts")
-    per = [score_video(v, p) for v, p in zip(videos, prompts)]
-    objs = [o for r in per for o in r["objects"]]
-    n_spurious = sum(len(r["spurious"]) for r in per)
+    objs = [o for r in per_video for o in r["objects"]]
+    n_spurious = sum(len(r["spurious"]) for r in per_video)
     motions = [o["motion_ok"] for o in objs if o["motion_ok"] is not None]
     return {
         "color": sum(o["color_ok"] for o in objs) / max(1, len(objs) + n_spurious),
         "shape": sum(o["shape_ok"] for o in objs) / max(1, len(objs)),
         "motion": (sum(motions) / len(motions)) if motions else None,
-        "videos": len(per),
+        "videos": len(per_video),
         "objects": len(objs),
         "spurious": n_spurious,
-        "per_video": per,
+        "per_video": list(per_video),
     }
+
+
+def score(videos: Sequence, prompts: Sequence[str]) -> dict:
+    """Per-attribute accuracy over a set of videos (see :func:`summarize`)."""
+    if len(videos) != len(prompts):
+        raise ValueError(f"videos and prompts: got {len(videos)} videos for {len(prompts)} prompts")
+    return summarize([score_video(v, p) for v, p in zip(videos, prompts)])
