@@ -4,13 +4,11 @@ family (`dit_accel.pipelines.tiny`) for tests and demos that run offline."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "shapes" / "reference"
-logger = logging.getLogger(__name__)
 
 
 def load_reference(device: str | torch.device | None = None, dtype: torch.dtype | None = None, path=None):

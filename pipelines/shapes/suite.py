@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .data import HELD_OUT, SampleSpec, sample_spec
+from .data import HELD_OUT, sample_spec
 
 SUITE_SEED_BASE = 1_000_000_000  # far from the trainer's sample seeds (0, 1, 2, ...)
 
@@ -66,4 +66,4 @@ def save_grid(path, videos, frames=None) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["SampleSpec", "grid_image", "held_out_suite", "save_grid"]
+__all__ = ["grid_image", "held_out_suite", "save_grid"]
