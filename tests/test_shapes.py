@@ -28,6 +28,22 @@ def test_samples_are_deterministic_and_prompts_parse_back():
     assert all(m is None for _, _, m in data.parse_prompt(img.prompt))
 
 
+def test_object_counts_follow_the_stated_shares():
+    """Samples draw one or two objects evenly; the trainer forces two on a further share of seeds.
+
+    Placement rejects two-object draws far more often than one-object ones, so a count redrawn
+    on every rejection would silently skew the data toward single objects.
+    """
+    from dit_accel.pipelines.shapes.train import FORCE_TWO_OBJECTS, _n_objects
+
+    seeds = range(1500)
+    two = np.mean([len(data.sample_spec(s).objects) == 2 for s in seeds])
+    assert abs(two - 0.5) < 0.05, two
+    forced = np.mean([len(data.sample_spec(s, n_objects=_n_objects(s)).objects) == 2 for s in seeds])
+    expected = FORCE_TWO_OBJECTS + (1 - FORCE_TWO_OBJECTS) * 0.5
+    assert abs(forced - expected) < 0.05, (forced, expected)
+
+
 def test_render_geometry_matches_the_spec():
     """An object's rendered pixels sit where the spec says, in its color (independent of the checker)."""
     spec = data.sample_spec(5, objects=[("red", "square", "right")])

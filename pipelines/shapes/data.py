@@ -230,12 +230,14 @@ def sample_spec(
     combinations, so the training distribution never contains them) are drawn again.
     """
     rng = np.random.default_rng(seed)
+    # the object count is drawn once: redrawing it on every rejected placement would favour one
+    # object (two objects are rejected far more often), leaving few two-object scenes
+    n = len(objects) if objects is not None else n_objects or int(rng.integers(1, 3))
     for _ in range(1000):
         chosen: list[tuple[str, str, str]]
         if objects is not None:
             chosen = list(objects)
         else:
-            n = n_objects or int(rng.integers(1, 3))
             chosen = []
             colors = list(rng.permutation(list(COLORS))[:n])
             for c in colors:

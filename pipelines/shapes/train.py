@@ -11,7 +11,7 @@ many seconds with a checkpoint, and running the same command again resumes where
 Training: rectified flow (x_t = (1 - s) x_0 + s eps, predict eps - x_0) in pixel space,
 logit-normal noise levels shifted toward noise like the inference scheduler, 10% empty prompts
 for classifier-free guidance, AdamW with warm-up and a cosine decay over the time budget, EMA
-weights for export. Each step draws one of three sizes (17x64x64 video, 9x48x48 video, 64x64
+weights for export. About 65% of the scenes have two objects. Each step draws one of three sizes (17x64x64 video, 9x48x48 video, 64x64
 image) so the model generates at all of them; batch sizes keep the token count per step similar.
 """
 
@@ -49,6 +49,16 @@ MODES = [
     ("image", 1, 64, 64, 160, 0.15),
 ]
 PROMPT_DROPOUT = 0.1
+# Two-object scenes are where the model has to bind each color to its own shape and motion, and
+# what it learns last; this share of samples is forced to two objects (the rest draw one or two
+# evenly), so about 65% of the training scenes have two objects.
+FORCE_TWO_OBJECTS = 0.3
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def _n_objects(seed: int) -> int | None:
+    """2 for a ``FORCE_TWO_OBJECTS`` share of sample seeds (spread evenly), otherwise None (random)."""
+    return 2 if (seed * _GOLDEN) % 1.0 < FORCE_TWO_OBJECTS else None
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -153,7 +163,7 @@ def train(args) -> None:
         t0 = time.time()
         _name, nf, h, w, bs, _ = MODES[int(rng.choice(len(MODES), p=probs))]
         bs = max(1, int(bs * args.batch_scale))
-        specs = [sample_spec(counter + i, image=(nf == 1)) for i in range(bs)]
+        specs = [sample_spec(counter + i, image=(nf == 1), n_objects=_n_objects(counter + i)) for i in range(bs)]
         counter += bs
         x0 = render(specs, nf, h, w, device=device)
         drop = rng.random(bs) < PROMPT_DROPOUT
@@ -205,7 +215,7 @@ def train(args) -> None:
     export_pipeline(final, out / "pipeline")
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     summary = {"steps": step, "samples": counter, "train_minutes": round(train_s / 60, 2), "args": vars(args),
-               "modes": MODES, "loss_curve": [[r["step"], r["train_min"], r["loss"]] for r in rows]}
+               "modes": MODES, "force_two_objects": FORCE_TWO_OBJECTS, "loss_curve": [[r["step"], r["train_min"], r["loss"]] for r in rows]}
     tmp = out / "training.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     os.replace(tmp, out / "training.json")
