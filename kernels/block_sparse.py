@@ -125,8 +125,8 @@ if triton is not None:
         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
         sbb, sbh, sbm, scb, sch,
         H, S_Q, S_K, HEAD_D,
-        D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RETURN_LSE: tl.constexpr,
-        DOT_F32: tl.constexpr,
+        D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
+        RETURN_LSE: tl.constexpr, DOT_F32: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -146,9 +146,10 @@ if triton is not None:
         qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
         count = tl.load(Counts + b * scb + h * sch + pid_m)
         block_row = Blocks + b * sbb + h * sbh + pid_m * sbm
-        for i in range(count):
-            kb = tl.load(block_row + i)
-            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        for i in range(count * (BLOCK_N // SUB_N)):
+            # layout tiles of BLOCK_N keys are visited as BLOCK_N // SUB_N sub-tiles of SUB_N
+            kb = tl.load(block_row + i // (BLOCK_N // SUB_N))
+            offs_n = kb * BLOCK_N + (i % (BLOCK_N // SUB_N)) * SUB_N + tl.arange(0, SUB_N)
             col_ok = offs_n < S_K
             kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * sks + offs_d[:, None],
                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
@@ -176,8 +177,13 @@ if triton is not None:
 
 
 def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
-                                  scale: float | None = None, return_lse: bool = False):
-    """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)."""
+                                  scale: float | None = None, return_lse: bool = False, sub_n: int | None = None,
+                                  num_warps: int | None = None, num_stages: int | None = None):
+    """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+    ``sub_n`` (a power of two dividing ``block_n``; default 64 for head_dim > 64, else ``block_n``),
+    ``num_warps`` and ``num_stages`` are launch-tuning knobs; results do not depend on them.
+    """
     if triton is None:
         raise RuntimeError("block_sparse_attention_triton: triton is not installed; use the reference twin")
     _check(q, k, v, kv_blocks, kv_counts, block_m, block_n)
@@ -194,16 +200,26 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     sb = [blocks.stride(0) if blocks.shape[0] > 1 else 0, blocks.stride(1) if blocks.shape[1] > 1 else 0,
           blocks.stride(2)]
     sc = [counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1) if counts.shape[1] > 1 else 0]
+    if sub_n is None:
+        sub_n = min(block_n, 64 if D > 64 else block_n)
+    if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
+        raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
+    launch = {}
+    if num_warps is not None:
+        launch["num_warps"] = num_warps
+    if num_stages is not None:
+        launch["num_stages"] = num_stages
     grid = (math.ceil(S_q / block_m), B * H)
     _block_sparse_fwd[grid](
         q, k, v, out, lse, blocks, counts, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *sb, *sc, H, S_q, k.shape[2], D,
-        D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, RETURN_LSE=return_lse,
+        D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=sub_n,
+        RETURN_LSE=return_lse,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
-        DOT_F32=not q.is_cuda,
+        DOT_F32=not q.is_cuda, **launch,
     )
     return (out, lse) if return_lse else out
 

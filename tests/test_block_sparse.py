@@ -34,15 +34,16 @@ def _inputs(B, H, S, D, dtype, seed):
 
 
 @pytest.mark.parametrize(
-    ("B", "H", "S", "D", "dtype", "tile"),
+    ("B", "H", "S", "D", "dtype", "tile", "sub_n"),
     [
-        (2, 2, 300, 64, torch.bfloat16, 128),   # ragged last tile, batch 2
-        (1, 3, 256, 128, torch.float16, 128),   # exact tiles, d=128
-        (2, 1, 200, 96, torch.bfloat16, 64),    # d=96 (padded inside the kernel), 64-token tiles
-        (1, 2, 77, 64, torch.float16, 32),      # shorter than one default tile
+        (2, 2, 300, 64, torch.bfloat16, 128, None),  # ragged last tile, batch 2
+        (1, 3, 256, 128, torch.float16, 128, None),  # exact tiles, d=128 (64-key sub-tiles by default)
+        (2, 1, 200, 96, torch.bfloat16, 64, None),   # d=96 (padded inside the kernel), 64-token tiles
+        (1, 2, 77, 64, torch.float16, 32, None),     # shorter than one default tile
+        (1, 2, 300, 64, torch.bfloat16, 128, 32),    # four sub-tiles per layout tile, ragged
     ],
 )
-def test_kernel_equals_reference_and_float64(B, H, S, D, dtype, tile):
+def test_kernel_equals_reference_and_float64(B, H, S, D, dtype, tile, sub_n):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh inputs every run, reported on failure
     q, k, v = _inputs(B, H, S, D, dtype, seed)
     n = math.ceil(S / tile)
@@ -51,7 +52,8 @@ def test_kernel_equals_reference_and_float64(B, H, S, D, dtype, tile):
     tile_mask = bs.add_dense_ranges(tile_mask, [(S - 10, S)], S, tile)  # "text" tokens at the end stay dense
     tile_mask[0, 0, 0] = False  # a query tile with nothing to visit (overrides the text range): output 0, LSE -inf
     blocks, counts = bs.tiles_to_blocks(tile_mask)
-    out, lse = bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=tile, block_n=tile, return_lse=True)
+    out, lse = bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=tile, block_n=tile, return_lse=True,
+                                                sub_n=sub_n)
     ref, ref_lse = bs.block_sparse_attention_reference(q, k, v, blocks, counts, block_m=tile, block_n=tile,
                                                        return_lse=True)
     exact, exact_lse = _float64_attention(q, k, v, tile_mask, tile)

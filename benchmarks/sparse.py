@@ -1,0 +1,193 @@
+"""Block-sparse attention kernel vs cuDNN SDPA (dense) and FlexAttention (same layout), GPU only.
+
+    python -m dit_accel.benchmarks.sparse                         # every shape, densities 1/.5/.25/.1
+    python -m dit_accel.benchmarks.sparse --shapes wan2.1-1.3b-480p-81f --iters 10
+
+For each video-DiT shape and density, one random block layout (every query tile visits the same
+number of key tiles, its own tile included; text tokens dense as queries and keys) is run by:
+cuDNN SDPA on the full sequence (the baseline, timed right before and after each candidate so
+drift hits both sides of the ratio), FlexAttention compiled with that layout as a ``BlockMask``
+of 128-token blocks, and this project's Triton kernel at several launch configurations (the best
+is reported, all are kept). "ideal" is 1 / density: dense time scaled by the work done.
+
+Prints a table and writes benchmarks/results/sparse-<device>-<date>.json (or --out DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dit_accel.benchmarks.report import cuda_time_ms, median, print_table, write_result
+from dit_accel.kernels.block_sparse import TILE, add_dense_ranges, block_sparse_attention_triton, tiles_to_blocks
+
+# name: (video tokens as (frames, height, width) after patching, text tokens in joint attention, heads, head_dim)
+SHAPES = {
+    "wan2.1-1.3b-480p-81f": ((21, 30, 52), 0, 12, 128),
+    "wan2.1-14b-720p-81f": ((21, 45, 80), 0, 40, 128),
+    "hunyuanvideo-720p-129f": ((33, 45, 80), 256, 24, 128),
+    "cogvideox-5b-480p-49f": ((13, 30, 45), 226, 48, 64),
+}
+DENSITIES = (1.0, 0.5, 0.25, 0.1)
+# (sub_n, num_warps, num_stages) launch configurations tried for the Triton kernel
+CONFIGS = list(itertools.product((64, 128), (4, 8), (2, 3)))
+
+
+def random_layout(seq: int, heads: int, density: float, text: int, seed: int) -> torch.Tensor:
+    """A bool tile mask [1, heads, n, n]: each query tile visits round(density * n) key tiles (its own
+    included), chosen at random; a trailing text range of ``text`` tokens is dense both ways."""
+    n = math.ceil(seq / TILE)
+    per_row = max(1, round(density * n))
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(1, heads, n, n, generator=g)
+    idx = torch.arange(n)
+    scores[..., idx, idx] = 2.0  # own tile first
+    keep = scores.argsort(dim=-1, descending=True)[..., :per_row]
+    mask = torch.zeros(1, heads, n, n, dtype=torch.bool).scatter_(-1, keep, True)
+    if text:
+        mask = add_dense_ranges(mask, [(seq - text, seq)], seq, TILE)
+    return mask
+
+
+def flex_runner(mask: torch.Tensor, seq: int):
+    """A compiled FlexAttention call over ``mask`` as full 128-token blocks, or a string saying why not."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    except ImportError as exc:
+        return f"FlexAttention unavailable: {exc}"
+    compiled = _compiled_flex(flex_attention)
+    mask = mask.cuda()
+    counts = mask.sum(-1).to(torch.int32)
+    indices = mask.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    zeros = torch.zeros_like(counts)
+
+    def tile_lookup(b, h, q_idx, kv_idx):  # the same layout as a mask_mod; never evaluated on full blocks
+        return mask[0, h, q_idx // TILE, kv_idx // TILE]
+
+    block_mask = BlockMask.from_kv_blocks(zeros, torch.zeros_like(indices), counts, indices, BLOCK_SIZE=TILE,
+                                          mask_mod=tile_lookup, seq_lengths=(seq, seq))
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+_FLEX = {}
+
+
+def _compiled_flex(flex_attention):
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, iters: int, configs) -> list[dict]:
+    seq = math.prod(grid) + text
+    q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+    def dense():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def baseline() -> float:
+        return median(cuda_time_ms(dense, iters=iters))
+
+    def timed(fn) -> tuple[float, float]:
+        before = baseline()
+        ms = median(cuda_time_ms(fn, iters=iters))
+        return ms, (before + baseline()) / 2
+
+    dense_ms = baseline()
+    rows = [dict(shape=name, seq=seq, density=1.0, method="cudnn-sdpa dense (baseline)", ms=round(dense_ms, 3),
+                 ratio=1.0)]
+    for density in densities:
+        mask = random_layout(seq, heads, density, text, seed=int(density * 1000))
+        actual = mask.float().mean().item()
+        blocks, counts = (t.cuda() for t in tiles_to_blocks(mask))
+        ref = None
+        if density == 1.0:
+            ref = dense()
+        flex = flex_runner(mask, seq)
+        row_base = dict(shape=name, seq=seq, density=round(actual, 4), ideal=round(1 / actual, 2))
+        if isinstance(flex, str):
+            rows.append(dict(row_base, method="flex", note=flex))
+            flex_out = None
+        else:
+            try:
+                flex_out = flex(q, k, v)
+                ms, base = timed(lambda: flex(q, k, v))
+                rows.append(dict(row_base, method="flex (compiled, BlockMask 128)", ms=round(ms, 3),
+                                 baseline_ms=round(base, 3), ratio=round(base / ms, 3)))
+            except Exception as exc:  # report and go on
+                flex_out = None
+                rows.append(dict(row_base, method="flex", note=f"{type(exc).__name__}: {exc}"[:300]))
+        best = None
+        for sub_n, warps, stages in configs:
+            def ours(sub_n=sub_n, warps=warps, stages=stages):
+                return block_sparse_attention_triton(q, k, v, blocks, counts, sub_n=sub_n, num_warps=warps,
+                                                     num_stages=stages)
+            try:
+                out = ours()
+                check = ref if ref is not None else flex_out
+                err = None if check is None else float((out.float() - check.float()).abs().max())
+                ms, base = timed(ours)
+            except Exception as exc:
+                rows.append(dict(row_base, method=f"ours sub_n={sub_n} w={warps} s={stages}",
+                                 note=f"{type(exc).__name__}: {exc}"[:300]))
+                continue
+            row = dict(row_base, method=f"ours sub_n={sub_n} w={warps} s={stages}", ms=round(ms, 3),
+                       baseline_ms=round(base, 3), ratio=round(base / ms, 3),
+                       max_abs_err=None if err is None else round(err, 5),
+                       err_against="cudnn dense" if ref is not None else "flex")
+            rows.append(row)
+            if best is None or row["ratio"] > best["ratio"]:
+                best = row
+        if best is not None:
+            rows.append(dict(best, method="ours (best config)", config=best["method"][5:]))
+        done = [r for r in rows if r["density"] == row_base["density"] and r["method"].startswith(("flex", "ours ("))]
+        print(*(f"  {r}" for r in done), sep="\n", flush=True)
+        del blocks, counts
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
+    ap.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="one launch configuration instead of a sweep")
+    ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/sparse.py needs a CUDA GPU; run it through the device tool or on a GPU host.")
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        ap.error(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}")
+    densities = [float(d) for d in args.densities.split(",")]
+    if any(not 0 < d <= 1 for d in densities):
+        ap.error(f"--densities: each must be in (0, 1], got {densities}")
+    logging.basicConfig(level=logging.WARNING)
+    configs = [(64, 4, 3)] if args.quick else CONFIGS
+    rows = []
+    for s in shapes:
+        grid, text, heads, dim = SHAPES[s]
+        rows += bench_shape(s, grid, text, heads, dim, densities, args.iters, configs)
+        best = [r for r in rows if r["shape"] == s
+                and (r["method"] == "ours (best config)" or r["method"].startswith(("flex", "cudnn")))]
+        print_table(best, ["shape", "density", "ideal", "method", "ms", "baseline_ms", "ratio", "max_abs_err", "config",
+                           "note"])
+    payload = {"dtype": "bfloat16", "batch": 1, "tile": TILE,
+               "shapes": {k: dict(grid=g, text=t, heads=h, head_dim=d) for k, (g, t, h, d) in SHAPES.items()
+                          if k in shapes},
+               "ratio_meaning": "cuDNN SDPA dense time (timed before and after the candidate) / candidate time",
+               "rows": rows}
+    print("wrote", write_result("sparse", payload, args.out))
+
+
+if __name__ == "__main__":
+    main()
