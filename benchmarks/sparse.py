@@ -36,7 +36,7 @@ SHAPES = {
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
 # (sub_n, num_warps, num_stages) launch configurations tried for the Triton kernel
-CONFIGS = list(itertools.product((64, 128), (4, 8), (2, 3)))
+CONFIGS = list(itertools.product((64, 128), (4, 8), (3, 4)))
 
 
 def random_layout(seq: int, heads: int, density: float, text: int, seed: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ def _inputs(B, H, S, D, dtype, seed):
     ("B", "H", "S", "D", "dtype", "tile", "sub_n"),
     [
         (2, 2, 300, 64, torch.bfloat16, 128, None),  # ragged last tile, batch 2
-        (1, 3, 256, 128, torch.float16, 128, None),  # exact tiles, d=128 (64-key sub-tiles by default)
+        (1, 3, 256, 128, torch.float16, 128, 64),    # exact tiles, d=128, two 64-key sub-tiles per tile
         (2, 1, 200, 96, torch.bfloat16, 64, None),   # d=96 (padded inside the kernel), 64-token tiles
         (1, 2, 77, 64, torch.float16, 32, None),     # shorter than one default tile
         (1, 2, 300, 64, torch.bfloat16, 128, 32),    # four sub-tiles per layout tile, ragged
