@@ -8,6 +8,17 @@ Leading batch/head dimensions of the layout may be 1 (broadcast).
 
 Sequences need not be multiples of the tile (the last tile is ragged); head_dim may be any size
 up to 256 (64/96/128 are the DiT cases: non-powers of two are padded inside the kernel).
+
+Two options serve the sparse methods:
+
+- ``tile_len`` (self/joint attention): valid tokens per tile, for sequences laid out as padded 3D
+  tiles (``kernels.tile_order``). Key slots past a tile's length are never attended; query rows
+  past it are computed but do not count for the gap below.
+- ``return_gap``: for each visited key tile, in visiting order, the largest over the tile's valid
+  query rows of ``log2(max weight in the tile / running row max after the tile)``; ``-inf`` past
+  ``kv_counts``. A tile whose gap is below ``t`` put less than ``2**t`` of its row maximum on any
+  query, so it can be skipped at the next denoising step (``TemporalSparse``). The running max
+  only grows, so the gap never understates a tile's share.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +39,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 TILE = 128
+LOG2E = 1.4426950408889634
 _warned: set[str] = set()
 
 
@@ -86,21 +99,64 @@ def blocks_to_mask(kv_blocks: torch.Tensor, kv_counts: torch.Tensor, q_len: int,
 # Reference twin
 
 
+def _tile_len_mask(tile_len: torch.Tensor, seq: int, tile: int) -> torch.Tensor:
+    """Bool ``[seq]``: the slots within each tile's valid length."""
+    pos = torch.arange(seq, device=tile_len.device)
+    return (pos % tile) < tile_len.to(pos.device).long()[pos // tile]
+
+
+def _outputs(out, lse, gap, return_lse: bool, return_gap: bool):
+    extra = ([lse] if return_lse else []) + ([gap] if return_gap else [])
+    return (out, *extra) if extra else out
+
+
 def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
-                                     scale: float | None = None, return_lse: bool = False):
-    """PyTorch twin of :func:`block_sparse_attention` (fp32 math through an explicit mask)."""
-    _check(q, k, v, kv_blocks, kv_counts, block_m, block_n)
+                                     scale: float | None = None, return_lse: bool = False,
+                                     tile_len: torch.Tensor | None = None, return_gap: bool = False, **_launch):
+    """PyTorch twin of :func:`block_sparse_attention` (fp32 math through an explicit mask).
+
+    Launch knobs of the kernel (``sub_n``, ``num_warps``, ``num_stages``) are accepted and ignored.
+    """
+    _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len)
+    B, H, S_q, _ = q.shape
+    S_k = k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = blocks_to_mask(kv_blocks, kv_counts, q.shape[2], k.shape[2], block_m, block_n)
+    mask = blocks_to_mask(kv_blocks, kv_counts, S_q, S_k, block_m, block_n)
+    key_ok = row_ok = None
+    if tile_len is not None:
+        key_ok = _tile_len_mask(tile_len, S_k, block_n)
+        row_ok = _tile_len_mask(tile_len, S_q, block_m)
+        mask = mask & key_ok
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
     out = (p @ v.float()).to(q.dtype)
-    return (out, lse) if return_lse else out
+    gap = _reference_gap(scores, kv_blocks, kv_counts, row_ok, block_m, block_n) if return_gap else None
+    return _outputs(out, lse, gap, return_lse, return_gap)
 
 
-def _check(q, k, v, kv_blocks, kv_counts, block_m, block_n) -> None:
+def _reference_gap(scores, kv_blocks, kv_counts, row_ok, block_m, block_n) -> torch.Tensor:
+    """The gap output (see the module docstring) from the explicit masked scores."""
+    B, H, S_q, S_k = scores.shape
+    n_q, n_k = math.ceil(S_q / block_m), math.ceil(S_k / block_n)
+    inf = float("-inf")
+    s2 = F.pad(scores * LOG2E, (0, n_k * block_n - S_k, 0, n_q * block_m - S_q), value=inf)
+    tile_max = s2.view(B, H, n_q, block_m, n_k, block_n).amax(-1)  # [B, H, n_q, BM, n_k]
+    blocks = kv_blocks.long().expand(B, H, n_q, kv_blocks.shape[-1])
+    counts = kv_counts.expand(B, H, n_q)
+    visited = tile_max.gather(-1, blocks[:, :, :, None, :].expand(B, H, n_q, block_m, blocks.shape[-1]))
+    running = visited.cummax(-1).values
+    gap = torch.where(visited == inf, torch.full_like(visited, inf), visited - running)
+    rows = torch.arange(n_q * block_m, device=scores.device) < S_q
+    if row_ok is not None:
+        rows = rows & F.pad(row_ok, (0, n_q * block_m - S_q), value=False)
+    gap = gap.masked_fill(~rows.view(1, 1, n_q, block_m, 1), inf).amax(3)
+    live = torch.arange(blocks.shape[-1], device=scores.device) < counts[..., None]
+    return gap.masked_fill(~live, inf)
+
+
+def _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len=None) -> None:
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q, k, v: expected [B, H, S, D] with matching B, H, D; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -112,6 +168,12 @@ def _check(q, k, v, kv_blocks, kv_counts, block_m, block_n) -> None:
                          f"{tuple(kv_counts.shape)}")
     if kv_blocks.shape[0] not in (1, B) or kv_blocks.shape[1] not in (1, H):
         raise ValueError(f"kv_blocks: batch/head dims must be 1 or {B}/{H}, got {tuple(kv_blocks.shape[:2])}")
+    if tile_len is not None:
+        n_k = math.ceil(k.shape[2] / block_n)
+        if block_m != block_n or q.shape[2] != k.shape[2] or tile_len.shape != (n_k,):
+            raise ValueError(f"tile_len: self/joint attention only (block_m == block_n, as many queries as keys) "
+                             f"with one length per tile, shape ({n_k},); got block_m={block_m}, block_n={block_n}, "
+                             f"{q.shape[2]} queries, {k.shape[2]} keys, tile_len {tuple(tile_len.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,13 +183,14 @@ if triton is not None:
 
     @triton.jit
     def _block_sparse_fwd(
-        Q, K, V, Out, Lse, Blocks, Counts, sm_scale,
+        Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, sm_scale,
         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-        sbb, sbh, sbm, scb, sch,
-        H, S_Q, S_K, HEAD_D,
+        sbb, sbh, sbm, scb, sch, sgm,
+        H, N_Q, S_Q, S_K, HEAD_D,
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
-        RETURN_LSE: tl.constexpr, DOT_F32: tl.constexpr,
+        RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
     ):
+        R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -146,19 +209,30 @@ if triton is not None:
         qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
         count = tl.load(Counts + b * scb + h * sch + pid_m)
         block_row = Blocks + b * sbb + h * sbh + pid_m * sbm
-        for i in range(count * (BLOCK_N // SUB_N)):
-            # layout tiles of BLOCK_N keys are visited as BLOCK_N // SUB_N sub-tiles of SUB_N
-            kb = tl.load(block_row + i // (BLOCK_N // SUB_N))
-            offs_n = kb * BLOCK_N + (i % (BLOCK_N // SUB_N)) * SUB_N + tl.arange(0, SUB_N)
-            col_ok = offs_n < S_K
+        if RETURN_GAP:
+            gap_row = Gap + (pid_bh * N_Q + pid_m) * sgm
+            row_live = row_ok
+            if HAS_LEN:
+                row_live = row_ok & (offs_m < pid_m * BLOCK_M + tl.load(TileLen + pid_m))
+            tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for i in range(count * R):
+            # layout tiles of BLOCK_N keys are visited as R sub-tiles of SUB_N
+            kb = tl.load(block_row + i // R)
+            start_n = kb * BLOCK_N + (i % R) * SUB_N
+            k_end = S_K
+            if HAS_LEN:
+                k_end = tl.minimum(S_K, kb * BLOCK_N + tl.load(TileLen + kb))
+            offs_n = start_n + tl.arange(0, SUB_N)
+            col_ok = offs_n < k_end
             kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * sks + offs_d[:, None],
                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             if DOT_F32:
                 kt = kt.to(tl.float32)
             qk = tl.dot(q, kt) * qk_scale
-            if kb * BLOCK_N + (i % (BLOCK_N // SUB_N) + 1) * SUB_N > S_K:  # only the ragged last tile
+            if start_n + SUB_N > k_end:  # only a ragged or padded tile
                 qk = tl.where(col_ok[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            qk_max = tl.max(qk, 1)
+            m_new = tl.maximum(m_i, qk_max)
             p = tl.math.exp2(qk - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
@@ -168,6 +242,12 @@ if triton is not None:
                 vv = vv.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
             m_i = m_new
+            if RETURN_GAP:
+                tile_rm = tl.maximum(tile_rm, qk_max)
+                if i % R == R - 1:  # layout tile finished: its gap against the running max
+                    g = tl.where(row_live & (tile_rm > float("-inf")), tile_rm - m_new, float("-inf"))
+                    tl.store(gap_row + i // R, tl.max(g, 0))
+                    tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         tl.store(Out + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(Out.dtype.element_ty),
@@ -178,8 +258,10 @@ if triton is not None:
 
 
 def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
-                                  scale: float | None = None, return_lse: bool = False, sub_n: int | None = None,
-                                  num_warps: int | None = None, num_stages: int | None = None):
+                                  scale: float | None = None, return_lse: bool = False,
+                                  tile_len: torch.Tensor | None = None, return_gap: bool = False,
+                                  sub_n: int | None = None, num_warps: int | None = None,
+                                  num_stages: int | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     ``sub_n`` (a power of two dividing ``block_n``: keys per inner step, default ``block_n``),
@@ -189,37 +271,41 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     """
     if triton is None:
         raise RuntimeError("block_sparse_attention_triton: triton is not installed; use the reference twin")
-    _check(q, k, v, kv_blocks, kv_counts, block_m, block_n)
+    _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, S_q, D = q.shape
     if D > 256:
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
+    sub_n = block_n if sub_n is None else sub_n
+    if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
+        raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
+    n_q = math.ceil(S_q / block_m)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, S_q, device=q.device, dtype=torch.float32) if return_lse else out
     blocks = kv_blocks.to(torch.int32)
     counts = kv_counts.to(torch.int32)
+    gap = (torch.full((B, H, n_q, blocks.shape[-1]), float("-inf"), device=q.device, dtype=torch.float32)
+           if return_gap else out)
+    lens = tile_len.to(device=q.device, dtype=torch.int32).contiguous() if tile_len is not None else counts
     sb = [blocks.stride(0) if blocks.shape[0] > 1 else 0, blocks.stride(1) if blocks.shape[1] > 1 else 0,
           blocks.stride(2)]
     sc = [counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1) if counts.shape[1] > 1 else 0]
-    sub_n = block_n if sub_n is None else sub_n
-    if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
-        raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
     launch = {"num_warps": num_warps or (8 if D > 64 else 4), "num_stages": num_stages or 3}
-    grid = (math.ceil(S_q / block_m), B * H)
+    grid = (n_q, B * H)
     _block_sparse_fwd[grid](
-        q, k, v, out, lse, blocks, counts, scale,
+        q, k, v, out, lse, gap, blocks, counts, lens, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *sb, *sc, H, S_q, k.shape[2], D,
+        *sb, *sc, blocks.shape[-1], H, n_q, S_q, k.shape[2], D,
         D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=sub_n,
-        RETURN_LSE=return_lse,
+        RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, **launch,
     )
-    return (out, lse) if return_lse else out
+    return _outputs(out, lse if return_lse else None, gap if return_gap else None, return_lse, return_gap)
 
 
 def triton_usable(t: torch.Tensor) -> bool:
@@ -227,7 +313,8 @@ def triton_usable(t: torch.Tensor) -> bool:
 
 
 def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
-                           scale: float | None = None, return_lse: bool = False):
+                           scale: float | None = None, return_lse: bool = False,
+                           tile_len: torch.Tensor | None = None, return_gap: bool = False, **launch):
     """Block-sparse attention: the Triton kernel where it can run, else the reference twin (logged once).
 
     Args:
@@ -236,14 +323,22 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
         block_m, block_n: query / key tile sizes the layout counts in.
         scale: softmax scale (default ``D ** -0.5``).
         return_lse: also return the natural-log LSE per query row, float32 ``[B, H, S]``.
+        tile_len: int ``[n_tiles]`` valid tokens per tile (padded 3D-tile layouts; self/joint only).
+        return_gap: also return the per-visited-tile gap, float32 ``[B, H, n_q_tiles, max_count]``
+            (see the module docstring).
+        launch: ``sub_n``, ``num_warps``, ``num_stages`` for the kernel.
+
+    Returns ``out``, or a tuple ``(out, lse?, gap?)`` with the requested extras in that order.
     """
     if triton_usable(q):
         return block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
-                                             scale=scale, return_lse=return_lse)
+                                             scale=scale, return_lse=return_lse, tile_len=tile_len,
+                                             return_gap=return_gap, **launch)
     key = q.device.type
     if key not in _warned:
         _warned.add(key)
         logger.info("block_sparse_attention: no Triton for %s tensors; using the PyTorch reference twin "
                     "(explicit mask, slower)", key)
     return block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
-                                            scale=scale, return_lse=return_lse)
+                                            scale=scale, return_lse=return_lse, tile_len=tile_len,
+                                            return_gap=return_gap)

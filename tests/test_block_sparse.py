@@ -118,3 +118,69 @@ def test_dispatcher_falls_back_to_the_reference_once(monkeypatch, caplog):
         bs.block_sparse_attention(q, k, v, blocks, counts)
     assert sum("reference twin" in r.message for r in caplog.records) == 1
     assert torch.allclose(a, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
+
+
+def _float64_gap(q, k, tile_mask, tile, row_ok, key_ok):
+    """Independent oracle of the gap output, by loops: per visited tile in increasing order, the
+    largest log2(tile row max / running row max) over the valid query rows of the query tile."""
+    B, H, S, _ = q.shape
+    s = (q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])) / math.log(2)
+    s = s.masked_fill(~key_ok[None, None, None, :], float("-inf"))
+    n = tile_mask.shape[-1]
+    out = torch.full((B, H, n, n), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for m in range(n):
+                rows = [r for r in range(m * tile, min(S, (m + 1) * tile)) if row_ok[r]]
+                running = torch.full((len(rows),), float("-inf"), dtype=torch.float64)
+                for i, kb in enumerate(torch.nonzero(tile_mask[b, h, m]).flatten().tolist()):
+                    tile_max = s[b, h, rows, kb * tile:(kb + 1) * tile].amax(-1)
+                    running = torch.maximum(running, tile_max)
+                    out[b, h, m, i] = (tile_max - running).max() if rows else float("-inf")
+    return out
+
+
+@pytest.mark.parametrize(("S", "D", "dtype"), [(150, 64, torch.bfloat16), (160, 128, torch.float16)])
+def test_padded_tiles_and_gap_output(S, D, dtype):
+    """tile_len hides padded key slots; the gap output matches a loop-by-loop float64 oracle."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    tile = 32
+    q, k, v = _inputs(2, 2, S, D, dtype, seed)
+    n = math.ceil(S / tile)
+    g = torch.Generator().manual_seed(seed + 1)
+    tile_len = torch.randint(tile // 2, tile + 1, (n,), generator=g)
+    tile_len[-1] = min(int(tile_len[-1]), S - (n - 1) * tile)
+    tile_mask = torch.rand(2, 2, n, n, generator=g) < 0.6
+    tile_mask |= torch.eye(n, dtype=torch.bool)
+    blocks, counts = bs.tiles_to_blocks(tile_mask)
+    pos = torch.arange(S)
+    valid = (pos % tile) < tile_len[pos // tile]
+    kw = dict(block_m=tile, block_n=tile, tile_len=tile_len, return_gap=True)
+    out, gap = bs.block_sparse_attention_triton(q, k, v, blocks, counts, sub_n=16, **kw)
+    ref, ref_gap = bs.block_sparse_attention_reference(q, k, v, blocks, counts, **kw)
+    # padded key slots carry no weight: the float64 oracle masks them on top of the tile mask
+    s64 = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)
+    ones = torch.ones(tile, tile, dtype=torch.float64)
+    mask = torch.stack([torch.stack([torch.kron(tile_mask[b, h].double(), ones)[:S, :S] > 0 for h in range(2)])
+                        for b in range(2)]) & valid
+    exact = torch.softmax(s64.masked_fill(~mask, float("-inf")), -1) @ v.double()
+    eps = 2**-8 if dtype == torch.bfloat16 else 2**-11
+    rows = valid[None, None, :, None]
+    scale = exact.abs().amax().item()
+    for name, got in (("kernel", out), ("reference", ref)):
+        err = ((got.double() - exact) * rows).abs().amax().item() / scale
+        assert err <= 4 * eps, f"{name}: relative error {err:.2e} (seed {seed})"
+    oracle = _float64_gap(q, k, tile_mask, tile, valid, valid)[..., : blocks.shape[-1]]
+    finite = oracle.isfinite()
+    for name, got in (("kernel", gap), ("reference", ref_gap)):
+        assert torch.equal(got.isfinite(), finite), f"{name}: -inf entries differ (seed {seed})"
+        assert (got.double() - oracle)[finite].abs().max() <= 0.05, f"{name}: gap off (seed {seed})"
+    assert (oracle[finite] <= 0).all()
+
+
+def test_tile_len_needs_self_attention_shapes():
+    q, k, v = _inputs(1, 1, 64, 64, torch.float32, 0)
+    blocks, counts = bs.tiles_to_blocks(torch.ones(1, 1, 2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="tile_len"):
+        bs.block_sparse_attention_reference(q, k, v, blocks, counts, block_m=32, block_n=32,
+                                            tile_len=torch.full((3,), 32))
