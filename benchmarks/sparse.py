@@ -19,13 +19,18 @@ import argparse
 import itertools
 import logging
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from dit_accel.benchmarks.report import cuda_time_ms, median, print_table, write_result
-from dit_accel.kernels.block_sparse import TILE, add_dense_ranges, block_sparse_attention_triton, tiles_to_blocks
+from dit_accel.kernels.block_sparse import (
+    TILE,
+    add_dense_ranges,
+    block_sparse_attention_triton,
+    tiles_to_blocks,
+)
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # name: (video tokens as (frames, height, width) after patching, text tokens in joint attention, heads, head_dim)
 SHAPES = {
@@ -149,7 +154,6 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
             rows.append(dict(best, method="ours (best config)", config=best["method"][5:]))
         done = [r for r in rows if r["density"] == row_base["density"] and r["method"].startswith(("flex", "ours ("))]
         print(*(f"  {r}" for r in done), sep="\n", flush=True)
-        del blocks, counts
         torch.cuda.empty_cache()
     return rows
 
@@ -181,7 +185,8 @@ def main(argv=None) -> None:
                 and (r["method"] == "ours (best config)" or r["method"].startswith(("flex", "cudnn")))]
         print_table(best, ["shape", "density", "ideal", "method", "ms", "baseline_ms", "ratio", "max_abs_err", "config",
                            "note"])
-    payload = {"dtype": "bfloat16", "batch": 1, "tile": TILE,
+    payload = {"command": "python -m dit_accel.benchmarks.sparse " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "dtype": "bfloat16", "batch": 1, "tile": TILE,
                "shapes": {k: dict(grid=g, text=t, heads=h, head_dim=d) for k, (g, t, h, d) in SHAPES.items()
                           if k in shapes},
                "ratio_meaning": "cuDNN SDPA dense time (timed before and after the candidate) / candidate time",

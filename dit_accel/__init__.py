@@ -13,12 +13,13 @@ from .apply import AccelHandle, apply
 from .errors import MethodUnavailableError, UnsupportedModelError
 from .geometry import attach, detach
 from .layout import AttentionCall, ModuleInfo, TokenLayout
-from .methods import METHODS, AttentionMethod, Dense
+from .methods import METHODS, AttentionMethod, Dense, Neighborhood, TemporalSparse
 from .processor import AttnProcessor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SUPPORTED_MODELS", "METHODS", "AccelHandle", "AttentionCall", "AttentionMethod", "AttnProcessor", "Dense",
-    "MethodUnavailableError", "ModuleInfo", "TokenLayout", "UnsupportedModelError", "apply", "attach", "detach",
+    "MethodUnavailableError", "ModuleInfo", "Neighborhood", "TemporalSparse", "TokenLayout",
+    "UnsupportedModelError", "apply", "attach", "detach",
 ]

@@ -118,7 +118,7 @@ def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, block_m: 
     Launch knobs of the kernel (``sub_n``, ``num_warps``, ``num_stages``) are accepted and ignored.
     """
     _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len)
-    B, H, S_q, _ = q.shape
+    S_q = q.shape[2]
     S_k = k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = blocks_to_mask(kv_blocks, kv_counts, S_q, S_k, block_m, block_n)

@@ -1,0 +1,274 @@
+"""Sparse attention over tile-aligned video tokens: `Neighborhood` (static 3D windows) and
+`TemporalSparse` (tiles found negligible at one denoising step are skipped at the next).
+
+Both reorder the video tokens of a self- or joint-attention call into 3D tiles
+(`dit_accel.kernels.tile_order`), run the block-sparse kernel (`dit_accel.kernels.block_sparse`:
+Triton on CUDA, its PyTorch twin elsewhere) and restore the model's order. Text tokens of joint
+attention stay dense as queries and as keys; cross-attention, text-only attention, calls whose
+grid is unknown and calls with a mask that hides keys run dense (each reason logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from ..kernels.block_sparse import (
+    TILE,
+    add_dense_ranges,
+    block_sparse_attention,
+    tiles_to_blocks,
+)
+from ..kernels.tile_order import TileOrder, tile_order, window_tiles
+from ..layout import AttentionCall
+from .base import AttentionMethod
+from .dense import Dense
+
+logger = logging.getLogger("dit_accel")
+
+
+def _triple_or_none(value, name: str):
+    if value is None:
+        return None
+    if isinstance(value, int):
+        value = (value,) * 3
+    value = tuple(value)
+    if len(value) != 3 or any(not isinstance(v, int) or v < 1 for v in value):
+        raise ValueError(f"{name}: expected an int or three positive ints (t, h, w), got {value!r}")
+    return value
+
+
+@dataclass
+class _TiledSparse(AttentionMethod):
+    """Shared machinery: geometry, dense fallbacks, density accounting."""
+
+    _dense: Dense = field(default_factory=Dense, init=False, repr=False, compare=False)
+    _logged: set = field(default_factory=set, init=False, repr=False, compare=False)
+    # computed / total token pairs of the sparse calls since reset_stats() (device tensors: no sync)
+    _pairs: list = field(default_factory=lambda: [0, 0], init=False, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {"method": type(self).__name__, **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
+
+    def _once(self, key: str, message: str, *args) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.info(message, *args)
+
+    def density(self) -> float | None:
+        """Fraction of (query, key) token pairs computed by the sparse calls since `reset_stats()`
+        (dense fallbacks not counted), or `None` before any."""
+        done, total = self._pairs
+        return None if not total else float(done) / total
+
+    def reset_stats(self) -> None:
+        self._pairs = [0, 0]
+
+    def _count(self, tile_mask: torch.Tensor, order: TileOrder) -> None:
+        lens = order.tile_len.to(tile_mask.device).float()
+        lens[-1] = order.length - TILE * (lens.numel() - 1) if order.text else lens[-1]
+        pairs = torch.einsum("bhqk,q,k->", tile_mask.float(), lens, lens)
+        valid = float(order.grid[0] * order.grid[1] * order.grid[2] + order.text)
+        rows = tile_mask.shape[0] * tile_mask.shape[1]
+        self._pairs = [self._pairs[0] + pairs, self._pairs[1] + rows * valid * valid]
+
+    def _order(self, query, key, attn_mask, call: AttentionCall | None) -> TileOrder | None:
+        """The tiled order of this call, or None when it must run dense."""
+        if call is None:
+            self._once("no-call", "dit_accel %s: called without an AttentionCall; running dense", type(self).__name__)
+            return None
+        kind = call.module.kind
+        if kind not in ("self", "joint"):
+            return None  # cross / text attention is dense by design
+        grid = call.layout.grid
+        S = query.shape[2]
+        text, text_first = 0, False
+        if kind == "joint" and call.text_span is not None:
+            start, stop = call.text_span
+            text, text_first = stop - start, start == 0
+            if not (start == 0 or stop == S):
+                grid = None
+        if grid is None or math.prod(grid) + text != S or key.shape[2] != S:
+            self._once(f"grid-{call.layout.family}", "dit_accel %s: %s attention of %d tokens does not match the "
+                       "video grid %s (+%d text); running those calls dense", type(self).__name__,
+                       call.layout.family, S, grid, text)
+            return None
+        if attn_mask is not None:
+            hides = ~attn_mask.all() if attn_mask.dtype == torch.bool else (attn_mask != 0).any()
+            if bool(hides):
+                self._once("mask", "dit_accel %s: an attention mask hides some keys (padded text); the block-sparse "
+                           "kernel takes no masks, so those calls run dense", type(self).__name__)
+                return None
+        return tile_order(grid, self.tile, text, text_first, query.device)
+
+    def _dense_step(self, call: AttentionCall) -> bool:
+        return call.layout.step_index < self.dense_steps or call.module.layer in self.dense_layers
+
+
+@dataclass
+class Neighborhood(_TiledSparse):
+    """Static 3D neighborhood attention over the video grid (tile-granular, as Sliding Tile Attention).
+
+    Args:
+        window: `(t, h, w)` window per query, in tokens after patching (frames, rows, columns), or
+            fractions in (0, 1] of the grid's axes; rounded up to whole 3D tiles and shifted inward
+            at the grid's edges so every query sees the same number of tiles. A window larger than
+            the grid is an error; one equal to it is dense attention.
+        stride: `(t, h, w)` in tiles: neighboring query tiles sharing one window (GNA's strided
+            windows); 1 = a window per tile.
+        tile: `(t, h, w)` tokens per 3D tile (product <= 128); `None` picks one per grid.
+        dense_steps: the first denoising steps run dense.
+        dense_layers: transformer blocks (by index) that always run dense.
+    """
+
+    window: tuple = (0.5, 0.5, 0.5)
+    stride: int | tuple = 1
+    tile: tuple | None = None
+    dense_steps: int = 0
+    dense_layers: tuple = ()
+
+    def __post_init__(self) -> None:
+        window = (self.window,) * 3 if isinstance(self.window, int | float) else tuple(self.window)
+        if len(window) != 3 or any(isinstance(w, bool) or not isinstance(w, int | float) or w <= 0 for w in window):
+            raise ValueError(f"Neighborhood(window={self.window!r}): expected (t, h, w) of positive token counts or "
+                             "fractions in (0, 1]")
+        if any(isinstance(w, float) and w > 1 for w in window):
+            raise ValueError(f"Neighborhood(window={self.window!r}): a float is a fraction of the grid and must be "
+                             "<= 1; give tokens as ints")
+        self.window = window
+        self.stride = _triple_or_none(self.stride, "Neighborhood(stride)")
+        self.tile = _triple_or_none(self.tile, "Neighborhood(tile)")
+        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        if self.dense_steps < 0:
+            raise ValueError(f"Neighborhood(dense_steps={self.dense_steps}): must be >= 0")
+
+    def window_tokens(self, grid) -> tuple[int, int, int]:
+        """The window in tokens for `grid` (fractions resolved, rounded up)."""
+        return tuple(int(w) if isinstance(w, int) else max(1, math.ceil(w * g)) for w, g in zip(self.window, grid))
+
+    def _layout(self, order: TileOrder):
+        """(tile mask [1, 1, n, n], kv_blocks, kv_counts) for `order`, built once per geometry."""
+        cache = self.__dict__.setdefault("_layouts", {})
+        key = (id(order), str(order.index.device))
+        if key not in cache:
+            tiles = window_tiles(order, self.window_tokens(order.grid), self.stride)[None, None]
+            blocks, counts = tiles_to_blocks(tiles)
+            device = order.index.device
+            cache[key] = (tiles.to(device), blocks.to(device), counts.to(device), order)  # order pins id()
+        return cache[key][:3]
+
+    def __call__(self, query, key, value, attn_mask, call: AttentionCall | None = None):
+        order = None if call is not None and self._dense_step(call) else self._order(query, key, attn_mask, call)
+        if order is None:
+            return self._dense(query, key, value, attn_mask, call)
+        tiles, blocks, counts = self._layout(order)
+        self._count(tiles.expand(query.shape[0], query.shape[1], -1, -1), order)
+        out = block_sparse_attention(order.gather(query), order.gather(key), order.gather(value), blocks, counts,
+                                     tile_len=order.tile_len)
+        return order.scatter(out)
+
+
+@dataclass
+class TemporalSparse(_TiledSparse):
+    """Skip key tiles that were negligible at the previous denoising step (LiteAttention's idea).
+
+    Every sparse pass also reports, per visited key tile, the largest weight it gave any query
+    relative to that query's running maximum (no extra profiling pass). Tiles below `2**threshold`
+    are skipped at the next step of the same layer, CFG branch and shape; the skip set is reset per
+    generation.
+
+    Args:
+        threshold: log2 ratio; a key tile is dropped when every query of the query tile weighs it
+            below `2**threshold` of its row maximum. `-inf` never drops anything (dense).
+        warmup_steps: the first denoising steps run every tile (and record the first skip set).
+        refresh_every: every this many steps after warm-up, one step runs every tile again and
+            recomputes the skip set, bringing back wrongly skipped tiles (0: never).
+        refresh_tol: error-triggered refresh: when the mean drop of the rows' log-sum-exp against
+            the last full step exceeds this (nats), the next step runs every tile (`None`: off).
+            Decided on the device, without a host sync.
+        min_density / max_density: per query tile, at least / at most this fraction of key tiles
+            is kept (the most weighted ones).
+        tile: `(t, h, w)` tokens per 3D tile; `None` picks one per grid.
+        dense_steps / dense_layers: steps and blocks that always run dense.
+    """
+
+    threshold: float = -10.0
+    warmup_steps: int = 2
+    refresh_every: int = 5
+    refresh_tol: float | None = 0.1
+    min_density: float = 0.05
+    max_density: float = 1.0
+    tile: tuple | None = None
+    dense_steps: int = 0
+    dense_layers: tuple = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_density <= self.max_density <= 1.0:
+            raise ValueError(f"TemporalSparse(min_density={self.min_density}, max_density={self.max_density}): need "
+                             "0 <= min_density <= max_density <= 1")
+        if self.max_density <= 0:
+            raise ValueError("TemporalSparse(max_density): must be > 0")
+        for name in ("warmup_steps", "refresh_every", "dense_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TemporalSparse({name}={getattr(self, name)}): must be >= 0")
+        if self.refresh_tol is not None and self.refresh_tol <= 0:
+            raise ValueError(f"TemporalSparse(refresh_tol={self.refresh_tol}): must be > 0, or None to turn it off")
+        self.tile = _triple_or_none(self.tile, "TemporalSparse(tile)")
+        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+
+    def __call__(self, query, key, value, attn_mask, call: AttentionCall | None = None):
+        order = None if call is not None and self._dense_step(call) else self._order(query, key, attn_mask, call)
+        if order is None:
+            return self._dense(query, key, value, attn_mask, call)
+        B, H = query.shape[:2]
+        n = order.tile_len.numel()
+        state = call.state
+        step = call.layout.step_index
+        since = step - self.warmup_steps
+        full_now = (step < self.warmup_steps or "mask" not in state
+                    or (self.refresh_every > 0 and since > 0 and since % self.refresh_every == 0))
+        full = torch.ones(B, H, n, n, dtype=torch.bool, device=query.device)
+        mask = full if full_now else state["mask"]
+        self._count(mask, order)
+        blocks, counts = _compact(mask)
+        out, lse, gap = block_sparse_attention(order.gather(query), order.gather(key), order.gather(value), blocks,
+                                               counts, tile_len=order.tile_len, return_lse=True, return_gap=True)
+        state["mask"] = self._next_mask(gap, blocks, counts, order, full)
+        if self.refresh_tol is not None:
+            if full_now:
+                state["lse"] = lse
+            elif "lse" in state:
+                drop = (state["lse"] - lse).clamp_min(0).nan_to_num(0.0).mean()
+                state["mask"] = torch.where(drop > self.refresh_tol, full, state["mask"])
+        return order.scatter(out)
+
+    def _next_mask(self, gap, blocks, counts, order: TileOrder, full) -> torch.Tensor:
+        """Tiles to visit at the next step: the visited ones at or above the threshold, within the
+        density floor and ceiling, text tiles always."""
+        n = order.tile_len.numel()
+        live = torch.arange(blocks.shape[-1], device=gap.device) < counts[..., None]
+        rank = torch.empty_like(blocks, dtype=torch.long)
+        rank.scatter_(-1, gap.argsort(-1, descending=True), torch.arange(blocks.shape[-1], device=gap.device)
+                      .expand_as(blocks).contiguous())
+        k_min = max(1, math.ceil(self.min_density * n))
+        k_max = max(1, math.ceil(self.max_density * n))
+        keep = ((gap >= self.threshold) | (rank < k_min)) & (rank < k_max) & live
+        # list entries past the count repeat a tile: they write to a spare column, then dropped
+        target = torch.where(live, blocks.long(), torch.full_like(blocks.long(), n))
+        mask = torch.zeros(*blocks.shape[:-1], n + 1, dtype=torch.bool, device=gap.device)
+        mask = mask.scatter_(-1, target, keep)[..., :n]
+        if order.text:
+            start = order.video_tiles * TILE
+            mask = add_dense_ranges(mask, [(start, start + order.text)], order.length)
+        return mask.contiguous()
+
+
+def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tiles_to_blocks` at full width (no host sync to size the list)."""
+    n = mask.shape[-1]
+    idx = torch.arange(n, device=mask.device, dtype=torch.int32).expand_as(mask)
+    ordered = torch.where(mask, idx, torch.full_like(idx, n)).sort(dim=-1).values
+    return ordered.clamp_max(n - 1).contiguous(), mask.sum(-1, dtype=torch.int32).contiguous()
