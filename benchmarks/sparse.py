@@ -32,6 +32,8 @@ from dit_accel.kernels.block_sparse import (
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dit_accel.backends import _compiled_flex
+
 # name: (video tokens as (frames, height, width) after patching, text tokens in joint attention, heads, head_dim)
 SHAPES = {
     "wan2.1-1.3b-480p-81f": ((21, 30, 52), 0, 12, 128),
@@ -63,10 +65,10 @@ def random_layout(seq: int, heads: int, density: float, text: int, seed: int) ->
 def flex_runner(mask: torch.Tensor, seq: int):
     """A compiled FlexAttention call over ``mask`` as full 128-token blocks, or a string saying why not."""
     try:
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+        from torch.nn.attention.flex_attention import BlockMask
     except ImportError as exc:
         return f"FlexAttention unavailable: {exc}"
-    compiled = _compiled_flex(flex_attention)
+    compiled = _compiled_flex()
     mask = mask.cuda()
     counts = mask.sum(-1).to(torch.int32)
     indices = mask.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
@@ -78,15 +80,6 @@ def flex_runner(mask: torch.Tensor, seq: int):
     block_mask = BlockMask.from_kv_blocks(zeros, torch.zeros_like(indices), counts, indices, BLOCK_SIZE=TILE,
                                           mask_mod=tile_lookup, seq_lengths=(seq, seq))
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
-
-
-_FLEX = {}
-
-
-def _compiled_flex(flex_attention):
-    if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX["fn"]
 
 
 def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, iters: int, configs) -> list[dict]:

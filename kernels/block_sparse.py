@@ -47,12 +47,13 @@ _warned: set[str] = set()
 # Layout helpers
 
 
-def tiles_to_blocks(tile_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tiles_to_blocks(tile_mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Compact a bool ``[B, H, n_q_tiles, n_k_tiles]`` tile mask into (kv_blocks, kv_counts).
 
-    kv_blocks: int32 ``[B, H, n_q_tiles, max_count]``, the visited key tiles in increasing order
+    kv_blocks: int32 ``[B, H, n_q_tiles, width]``, the visited key tiles in increasing order
     (entries past ``kv_counts`` repeat the last valid one and are never read); kv_counts: int32
-    ``[B, H, n_q_tiles]``.
+    ``[B, H, n_q_tiles]``. ``width`` defaults to the largest count (read back from the device);
+    pass ``n_k_tiles`` to keep the call free of host syncs.
     """
     if tile_mask.dim() != 4 or tile_mask.dtype != torch.bool:
         raise ValueError(f"tile_mask: expected a bool [B, H, q_tiles, k_tiles] tensor, got {tile_mask.dtype} "
@@ -62,7 +63,8 @@ def tiles_to_blocks(tile_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     keyed = torch.where(tile_mask, idx, torch.full_like(idx, n_k))
     ordered = keyed.sort(dim=-1).values
     counts = tile_mask.sum(-1, dtype=torch.int32)
-    width = max(1, int(counts.max().item()) if counts.numel() else 1)
+    if width is None:
+        width = max(1, int(counts.max().item()) if counts.numel() else 1)
     blocks = ordered[..., :width].clamp_max(n_k - 1).contiguous()
     return blocks, counts.contiguous()
 
@@ -105,8 +107,9 @@ def _tile_len_mask(tile_len: torch.Tensor, seq: int, tile: int) -> torch.Tensor:
     return (pos % tile) < tile_len.to(pos.device).long()[pos // tile]
 
 
-def _outputs(out, lse, gap, return_lse: bool, return_gap: bool):
-    extra = ([lse] if return_lse else []) + ([gap] if return_gap else [])
+def _outputs(out, lse=None, gap=None):
+    """``out``, or ``(out, lse?, gap?)`` with the extras that were asked for (not None)."""
+    extra = [x for x in (lse, gap) if x is not None]
     return (out, *extra) if extra else out
 
 
@@ -133,7 +136,7 @@ def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, block_m: 
     p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
     out = (p @ v.float()).to(q.dtype)
     gap = _reference_gap(scores, kv_blocks, kv_counts, row_ok, block_m, block_n) if return_gap else None
-    return _outputs(out, lse, gap, return_lse, return_gap)
+    return _outputs(out, lse if return_lse else None, gap)
 
 
 def _reference_gap(scores, kv_blocks, kv_counts, row_ok, block_m, block_n) -> torch.Tensor:
@@ -305,7 +308,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, **launch,
     )
-    return _outputs(out, lse if return_lse else None, gap if return_gap else None, return_lse, return_gap)
+    return _outputs(out, lse if return_lse else None, gap if return_gap else None)
 
 
 def triton_usable(t: torch.Tensor) -> bool:

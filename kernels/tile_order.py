@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_sparse import TILE, add_dense_ranges, tiles_to_blocks
+from .block_sparse import TILE, add_dense_ranges
 
 Triple = tuple[int, int, int]
 
@@ -62,7 +62,8 @@ class TileOrder:
         index: long ``[S_tiled]``: model-order position of each tiled slot (padding slots repeat
             a valid position; ``tile_len`` keeps them out of attention).
         inverse: long ``[S_model]``: tiled slot of each model-order position.
-        tile_len: int32 ``[n_kernel_tiles]``: valid tokens in each kernel tile.
+        tile_len: int32 ``[n_kernel_tiles]``: valid tokens in each kernel tile (video tiles, then
+            text tiles, the last one ragged); they sum to the model's sequence length.
     """
 
     grid: Triple
@@ -138,9 +139,10 @@ def _tile_order(grid: Triple, tile: Triple, text: int, text_first: bool, device:
     slots = torch.arange(index.numel())
     keep = torch.cat([valid, torch.ones(text, dtype=torch.bool)])
     inverse[index[keep]] = slots[keep]
-    n_kernel = math.ceil(index.numel() / TILE)
-    tile_len = torch.full((n_kernel,), TILE, dtype=torch.int32)
-    tile_len[:n] = length.to(torch.int32)
+    text_len = torch.full((math.ceil(text / TILE),), TILE, dtype=torch.long)
+    if text % TILE:
+        text_len[-1] = text % TILE
+    tile_len = torch.cat([length, text_len]).to(torch.int32)
     return TileOrder(grid, tile, text, (nT, nH, nW), index.to(device), inverse.to(device), tile_len.to(device))
 
 
@@ -179,8 +181,3 @@ def window_tiles(order: TileOrder, window, stride=1) -> torch.Tensor:
         out = add_dense_ranges(out[None, None], [(start, start + order.text)], order.length)[0, 0]
     return out
 
-
-def window_layout(order: TileOrder, window, stride=1) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kv_blocks, kv_counts)`` of :func:`window_tiles`, broadcast over batch and heads."""
-    blocks, counts = tiles_to_blocks(window_tiles(order, window, stride)[None, None])
-    return blocks.to(order.index.device), counts.to(order.index.device)

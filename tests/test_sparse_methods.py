@@ -27,6 +27,7 @@ def test_tile_order_is_an_exact_permutation(grid, text, text_first):
     assert torch.equal(order.scatter(order.gather(x)), x)
     assert math.prod(order.tile) <= bs.TILE
     assert int(order.tile_len[: order.video_tiles].sum()) == math.prod(grid)
+    assert int(order.tile_len.sum()) == S  # text tiles too, the last one ragged
     # every model position sits in exactly one valid slot, and a slot's tokens form one 3D box
     slots = torch.arange(order.length)
     valid = (slots % bs.TILE) < order.tile_len[slots // bs.TILE].long()

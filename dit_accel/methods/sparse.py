@@ -43,7 +43,11 @@ def _triple_or_none(value, name: str):
 
 @dataclass
 class _TiledSparse(AttentionMethod):
-    """Shared machinery: geometry, dense fallbacks, density accounting."""
+    """Shared machinery: geometry, dense fallbacks, density accounting.
+
+    Subclasses define the fields `tile`, `dense_steps` and `dense_layers` and call
+    `_check_common()` from `__post_init__`.
+    """
 
     _dense: Dense = field(default_factory=Dense, init=False, repr=False, compare=False)
     _logged: set = field(default_factory=set, init=False, repr=False, compare=False)
@@ -67,12 +71,20 @@ class _TiledSparse(AttentionMethod):
     def reset_stats(self) -> None:
         self._pairs = [0, 0]
 
-    def _count(self, tile_mask: torch.Tensor, order: TileOrder) -> None:
-        lens = order.tile_len.to(tile_mask.device).float()
-        lens[-1] = order.length - TILE * (lens.numel() - 1) if order.text else lens[-1]
+    def _check_common(self) -> None:
+        name = type(self).__name__
+        self.tile = _triple_or_none(self.tile, f"{name}(tile)")
+        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        if self.dense_steps < 0:
+            raise ValueError(f"{name}(dense_steps={self.dense_steps}): must be >= 0")
+
+    def _count(self, tile_mask: torch.Tensor, order: TileOrder, rows: int) -> None:
+        """Add one call's pairs: `tile_mask` ``[b, h, n, n]`` (b, h may be 1: broadcast) over `rows`
+        (batch x heads) attention rows."""
+        lens = order.tile_len.float()
         pairs = torch.einsum("bhqk,q,k->", tile_mask.float(), lens, lens)
-        valid = float(order.grid[0] * order.grid[1] * order.grid[2] + order.text)
-        rows = tile_mask.shape[0] * tile_mask.shape[1]
+        pairs = pairs * (rows // (tile_mask.shape[0] * tile_mask.shape[1]))
+        valid = float(lens.sum())
         self._pairs = [self._pairs[0] + pairs, self._pairs[1] + rows * valid * valid]
 
     def _order(self, query, key, attn_mask, call: AttentionCall | None) -> TileOrder | None:
@@ -129,6 +141,8 @@ class Neighborhood(_TiledSparse):
     tile: tuple | None = None
     dense_steps: int = 0
     dense_layers: tuple = ()
+    # (id(order), device) -> (tile mask [1, 1, n, n], kv_blocks, kv_counts, order): one per geometry
+    _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         window = (self.window,) * 3 if isinstance(self.window, int | float) else tuple(self.window)
@@ -140,10 +154,7 @@ class Neighborhood(_TiledSparse):
                              "<= 1; give tokens as ints")
         self.window = window
         self.stride = _triple_or_none(self.stride, "Neighborhood(stride)")
-        self.tile = _triple_or_none(self.tile, "Neighborhood(tile)")
-        self.dense_layers = tuple(int(i) for i in self.dense_layers)
-        if self.dense_steps < 0:
-            raise ValueError(f"Neighborhood(dense_steps={self.dense_steps}): must be >= 0")
+        self._check_common()
 
     def window_tokens(self, grid) -> tuple[int, int, int]:
         """The window in tokens for `grid` (fractions resolved, rounded up)."""
@@ -151,21 +162,20 @@ class Neighborhood(_TiledSparse):
 
     def _layout(self, order: TileOrder):
         """(tile mask [1, 1, n, n], kv_blocks, kv_counts) for `order`, built once per geometry."""
-        cache = self.__dict__.setdefault("_layouts", {})
         key = (id(order), str(order.index.device))
-        if key not in cache:
+        if key not in self._layouts:
             tiles = window_tiles(order, self.window_tokens(order.grid), self.stride)[None, None]
             blocks, counts = tiles_to_blocks(tiles)
             device = order.index.device
-            cache[key] = (tiles.to(device), blocks.to(device), counts.to(device), order)  # order pins id()
-        return cache[key][:3]
+            self._layouts[key] = (tiles.to(device), blocks.to(device), counts.to(device), order)  # order pins id()
+        return self._layouts[key][:3]
 
     def __call__(self, query, key, value, attn_mask, call: AttentionCall | None = None):
         order = None if call is not None and self._dense_step(call) else self._order(query, key, attn_mask, call)
         if order is None:
             return self._dense(query, key, value, attn_mask, call)
         tiles, blocks, counts = self._layout(order)
-        self._count(tiles.expand(query.shape[0], query.shape[1], -1, -1), order)
+        self._count(tiles, order, query.shape[0] * query.shape[1])
         out = block_sparse_attention(order.gather(query), order.gather(key), order.gather(value), blocks, counts,
                                      tile_len=order.tile_len)
         return order.scatter(out)
@@ -211,13 +221,12 @@ class TemporalSparse(_TiledSparse):
                              "0 <= min_density <= max_density <= 1")
         if self.max_density <= 0:
             raise ValueError("TemporalSparse(max_density): must be > 0")
-        for name in ("warmup_steps", "refresh_every", "dense_steps"):
+        for name in ("warmup_steps", "refresh_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TemporalSparse({name}={getattr(self, name)}): must be >= 0")
         if self.refresh_tol is not None and self.refresh_tol <= 0:
             raise ValueError(f"TemporalSparse(refresh_tol={self.refresh_tol}): must be > 0, or None to turn it off")
-        self.tile = _triple_or_none(self.tile, "TemporalSparse(tile)")
-        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        self._check_common()
 
     def __call__(self, query, key, value, attn_mask, call: AttentionCall | None = None):
         order = None if call is not None and self._dense_step(call) else self._order(query, key, attn_mask, call)
@@ -230,13 +239,13 @@ class TemporalSparse(_TiledSparse):
         since = step - self.warmup_steps
         full_now = (step < self.warmup_steps or "mask" not in state
                     or (self.refresh_every > 0 and since > 0 and since % self.refresh_every == 0))
-        full = torch.ones(B, H, n, n, dtype=torch.bool, device=query.device)
+        full = torch.ones((), dtype=torch.bool, device=query.device).expand(B, H, n, n)
         mask = full if full_now else state["mask"]
-        self._count(mask, order)
-        blocks, counts = _compact(mask)
+        self._count(mask, order, B * H)
+        blocks, counts = tiles_to_blocks(mask, width=n)
         out, lse, gap = block_sparse_attention(order.gather(query), order.gather(key), order.gather(value), blocks,
                                                counts, tile_len=order.tile_len, return_lse=True, return_gap=True)
-        state["mask"] = self._next_mask(gap, blocks, counts, order, full)
+        state["mask"] = self._next_mask(gap, blocks, counts, order)
         if self.refresh_tol is not None:
             if full_now:
                 state["lse"] = lse
@@ -245,7 +254,7 @@ class TemporalSparse(_TiledSparse):
                 state["mask"] = torch.where(drop > self.refresh_tol, full, state["mask"])
         return order.scatter(out)
 
-    def _next_mask(self, gap, blocks, counts, order: TileOrder, full) -> torch.Tensor:
+    def _next_mask(self, gap, blocks, counts, order: TileOrder) -> torch.Tensor:
         """Tiles to visit at the next step: the visited ones at or above the threshold, within the
         density floor and ceiling, text tiles always."""
         n = order.tile_len.numel()
@@ -265,10 +274,3 @@ class TemporalSparse(_TiledSparse):
             mask = add_dense_ranges(mask, [(start, start + order.text)], order.length)
         return mask.contiguous()
 
-
-def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`tiles_to_blocks` at full width (no host sync to size the list)."""
-    n = mask.shape[-1]
-    idx = torch.arange(n, device=mask.device, dtype=torch.int32).expand_as(mask)
-    ordered = torch.where(mask, idx, torch.full_like(idx, n)).sort(dim=-1).values
-    return ordered.clamp_max(n - 1).contiguous(), mask.sum(-1, dtype=torch.int32).contiguous()
