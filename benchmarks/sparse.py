@@ -124,6 +124,8 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
                 rows.append(dict(row_base, method="flex", note=f"{type(exc).__name__}: {exc}"[:300]))
         best = None
         for sub_n, warps, stages in configs:
+            label = "ours defaults" if sub_n is None else f"ours sub_n={sub_n} w={warps} s={stages}"
+
             def ours(sub_n=sub_n, warps=warps, stages=stages):
                 return block_sparse_attention_triton(q, k, v, blocks, counts, sub_n=sub_n, num_warps=warps,
                                                      num_stages=stages)
@@ -133,10 +135,10 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
                 err = None if check is None else float((out.float() - check.float()).abs().max())
                 ms, base = timed(ours)
             except Exception as exc:
-                rows.append(dict(row_base, method=f"ours sub_n={sub_n} w={warps} s={stages}",
+                rows.append(dict(row_base, method=label,
                                  note=f"{type(exc).__name__}: {exc}"[:300]))
                 continue
-            row = dict(row_base, method=f"ours sub_n={sub_n} w={warps} s={stages}", ms=round(ms, 3),
+            row = dict(row_base, method=label, ms=round(ms, 3),
                        baseline_ms=round(base, 3), ratio=round(base / ms, 3),
                        max_abs_err=None if err is None else round(err, 5),
                        err_against="cudnn dense" if ref is not None else "flex")
@@ -151,14 +153,147 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
     return rows
 
 
+def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: float, iters: int) -> list[dict]:
+    """The cost of the tile layout (gather of q, k, v and scatter of the output) and of
+    TemporalSparse's bookkeeping (compacting its tile mask, turning the kernel's gaps into the next
+    mask, the LSE refresh check), each as a fraction of one cuDNN dense attention call."""
+    from dit_accel.kernels.block_sparse import block_sparse_attention
+    from dit_accel.kernels.tile_order import tile_order
+
+    from dit_accel import TemporalSparse
+
+    order = tile_order(grid, None, text, False, torch.device("cuda"))
+    seq = math.prod(grid) + text
+    q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+    def dense():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    dense_ms = median(cuda_time_ms(dense, iters=iters))
+    qt = order.gather(q)
+    out = qt.clone()
+
+    def permute():
+        order.gather(q), order.gather(k), order.gather(v)
+        return order.scatter(out)
+
+    n = order.tile_len.numel()
+    method = TemporalSparse(max_density=density, min_density=density, threshold=float("inf"))
+    mask = random_layout(order.length, heads, density, order.text, seed=7).cuda()
+    blocks, counts = tiles_to_blocks(mask, width=n)
+    kt, vt = order.gather(k), order.gather(v)
+    _, lse, gap = block_sparse_attention(qt, kt, vt, blocks, counts, tile_len=order.tile_len, return_lse=True,
+                                         return_gap=True)
+    full = torch.ones((), dtype=torch.bool, device="cuda").expand(1, heads, n, n)
+    state = {"lse": lse.clone()}
+
+    def bookkeeping():
+        b, c = tiles_to_blocks(mask, width=n)
+        method._update(state, gap, lse, b, c, order, False, full)
+        return state["mask"]
+
+    def kernel(extras: bool):
+        return lambda: block_sparse_attention(qt, kt, vt, blocks, counts, tile_len=order.tile_len, return_lse=extras,
+                                              return_gap=extras)
+
+    perm_ms = median(cuda_time_ms(permute, iters=iters))
+    book_ms = median(cuda_time_ms(bookkeeping, iters=iters))
+    plain_ms = median(cuda_time_ms(kernel(False), iters=iters))
+    extras_ms = median(cuda_time_ms(kernel(True), iters=iters))
+    base = dict(shape=name, seq=seq, tile=list(order.tile), tiles=n, density=round(mask.float().mean().item(), 4),
+                dense_ms=round(dense_ms, 3))
+    return [
+        dict(base, part="tile layout: gather q, k, v + scatter out", ms=round(perm_ms, 3),
+             of_dense=round(perm_ms / dense_ms, 4)),
+        dict(base, part="TemporalSparse bookkeeping: compact mask + next mask + refresh check", ms=round(book_ms, 3),
+             of_dense=round(book_ms / dense_ms, 4)),
+        dict(base, part="kernel extra for gap + LSE outputs", ms=round(extras_ms - plain_ms, 3),
+             of_dense=round((extras_ms - plain_ms) / dense_ms, 4), kernel_ms=round(plain_ms, 3),
+             kernel_with_gap_lse_ms=round(extras_ms, 3)),
+    ]
+
+
+# Wan2.1-T2V-1.3B's transformer (its published config) and its 480p / 81-frame latent
+WAN13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+              text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+              qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN13B_LATENT = (1, 16, 21, 60, 104)
+
+
+def step_methods() -> dict:
+    """Methods of the full-step benchmark, each at a fixed attention density (~25% and ~10%)."""
+    from dit_accel import Neighborhood, TemporalSparse
+
+    fixed = dict(threshold=float("inf"), warmup_steps=1, refresh_every=0, refresh_tol=None)
+    return {
+        "Neighborhood(window=(0.5, 0.5, 0.75)) ~25%": Neighborhood(window=(0.5, 0.5, 0.75)),
+        "Neighborhood(window=(0.25, 0.5, 0.5)) ~10%": Neighborhood(window=(0.25, 0.5, 0.5)),
+        "TemporalSparse(density 0.25)": TemporalSparse(min_density=0.25, max_density=0.25, **fixed),
+        "TemporalSparse(density 0.10)": TemporalSparse(min_density=0.10, max_density=0.10, **fixed),
+    }
+
+
+def bench_step(iters: int, config: dict | None = None, latent=WAN13B_LATENT, text_len: int = 512) -> list[dict]:
+    """One denoising step of a random-weight Wan2.1-1.3B transformer (bf16) at 480p / 81 frames:
+    stock (diffusers' processor, cuDNN SDPA) vs each sparse method at steady state (after its
+    warm-up steps). Timesteps decrease from call to call, as in a generation."""
+    from diffusers import WanTransformer3DModel
+
+    import dit_accel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**(config or WAN13B)).to("cuda", torch.bfloat16).eval()
+    x = torch.randn(*latent, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(latent[0], text_len, model.config.text_dim, device="cuda", dtype=torch.bfloat16)
+    clock = iter(range(999, -10**9, -1))
+
+    def step():
+        t = torch.full((latent[0],), float(next(clock)), device="cuda")
+        with torch.no_grad():
+            return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+    def timed() -> float:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return median(cuda_time_ms(step, warmup=2, iters=iters))
+
+    stock_ms = timed()
+    rows = [dict(method="stock (diffusers WanAttnProcessor, cuDNN SDPA)", ms=round(stock_ms, 2), speedup=1.0)]
+    for name, method in step_methods().items():
+        handle = dit_accel.apply(model, attention=method)
+        try:
+            step()  # first step of a generation: warm-up / compilation
+            method.reset_stats()
+            ms = timed()
+        finally:
+            handle.remove()
+        rows.append(dict(method=name, ms=round(ms, 2), speedup=round(stock_ms / ms, 3),
+                         density=round(method.density(), 4), config=method.to_dict()))
+        print(f"  {rows[-1]}", flush=True)
+    again = timed()  # drift check: stock again at the end
+    rows.append(dict(method="stock again (drift check)", ms=round(again, 2), speedup=round(stock_ms / again, 3)))
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     ap.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="one launch configuration instead of a sweep")
+    ap.add_argument("--parts", default="kernel,overhead,step",
+                    help="comma-separated: kernel (vs cuDNN / Flex per shape), overhead (tile layout and "
+                         "TemporalSparse bookkeeping, Wan 480p), step (full Wan2.1-1.3B transformer step)")
+    ap.add_argument("--configs", default="sweep:wan2.1-1.3b-480p-81f",
+                    help="kernel launch configurations: 'sweep' (all shapes), 'sweep:SHAPE' (that shape; the "
+                         "others use the defaults) or 'default'")
     ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
+    ap.add_argument("--name", default="sparse", help="result file name prefix (NAME-<device>-<date>.json)")
     args = ap.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if set(parts) - {"kernel", "overhead", "step"}:
+        ap.error(f"--parts: unknown {sorted(set(parts) - {'kernel', 'overhead', 'step'})}; choose from kernel, "
+                 "overhead, step")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/sparse.py needs a CUDA GPU; run it through the device tool or on a GPU host.")
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -169,10 +304,14 @@ def main(argv=None) -> None:
     if any(not 0 < d <= 1 for d in densities):
         ap.error(f"--densities: each must be in (0, 1], got {densities}")
     logging.basicConfig(level=logging.WARNING)
-    configs = [(64, 4, 3)] if args.quick else CONFIGS
-    rows = []
-    for s in shapes:
+    swept = set(SHAPES) if args.configs == "sweep" else (
+        {args.configs.split(":", 1)[1]} if args.configs.startswith("sweep:") else set())
+    if args.configs != "default" and not swept <= set(SHAPES):
+        ap.error(f"--configs: expected 'sweep', 'sweep:SHAPE' or 'default', got {args.configs!r}")
+    rows, overhead, step = [], [], []
+    for s in shapes if "kernel" in parts else []:
         grid, text, heads, dim = SHAPES[s]
+        configs = CONFIGS if s in swept and not args.quick else [(None, None, None)]
         rows += bench_shape(s, grid, text, heads, dim, densities, args.iters, configs)
         best = [r for r in rows if r["shape"] == s
                 and (r["method"] == "ours (best config)" or r["method"].startswith(("flex", "cudnn")))]
@@ -184,7 +323,17 @@ def main(argv=None) -> None:
                           if k in shapes},
                "ratio_meaning": "cuDNN SDPA dense time (timed before and after the candidate) / candidate time",
                "rows": rows}
-    print("wrote", write_result("sparse", payload, args.out))
+    if "overhead" in parts:
+        grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
+        overhead = bench_overhead("wan2.1-1.3b-480p-81f", grid, text, heads, dim, 0.25, args.iters)
+        print_table(overhead, ["shape", "part", "ms", "dense_ms", "of_dense"])
+        payload["overhead"] = overhead
+    if "step" in parts:
+        step = bench_step(args.iters)
+        print_table(step, ["method", "ms", "speedup", "density"])
+        payload["step"] = {"model": "WanTransformer3DModel, Wan2.1-T2V-1.3B config, random weights, bf16",
+                           "latent": list(WAN13B_LATENT), "text_tokens": 512, "rows": step}
+    print("wrote", write_result(args.name, payload, args.out))
 
 
 if __name__ == "__main__":

@@ -41,3 +41,50 @@ def temporal_flickering(video) -> float:
         return 1.0
     diffs = [np.abs(v[i + 1] - v[i]).mean() for i in range(v.shape[0] - 1)]
     return float((255.0 - np.mean(diffs)) / 255.0)
+
+
+def _pair(video, reference) -> tuple[np.ndarray, np.ndarray]:
+    a, b = to_frames(video).astype(np.float64), to_frames(reference).astype(np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"video {a.shape} and reference {b.shape}: fidelity metrics need the same frames and size "
+                         "(generate both at one resolution and frame count)")
+    return a, b
+
+
+def psnr(video, reference) -> float:
+    """Peak signal-to-noise ratio (dB, data range 1) of ``video`` against ``reference`` over all
+    frames and channels; ``inf`` when they are equal."""
+    a, b = _pair(video, reference)
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
+
+
+def _gaussian_taps(sigma: float = 1.5, truncate: float = 3.5) -> np.ndarray:
+    r = int(truncate * sigma + 0.5)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
+def _filter_valid(x: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """Separable 'valid' filtering over axes 1 and 2 of ``[F, H, W, C]``."""
+    n = len(taps)
+    h = sum(taps[i] * x[:, i : x.shape[1] - n + 1 + i] for i in range(n))
+    return sum(taps[i] * h[:, :, i : h.shape[2] - n + 1 + i] for i in range(n))
+
+
+def ssim(video, reference) -> float:
+    """Structural similarity (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03,
+    data range 1), the mean over frames, channels and every window that fits inside the frame."""
+    a, b = _pair(video, reference)
+    taps = _gaussian_taps()
+    if min(a.shape[1:3]) < len(taps):
+        raise ValueError(f"video: frames of {a.shape[1]}x{a.shape[2]} are smaller than SSIM's {len(taps)}x"
+                         f"{len(taps)} window")
+    c1, c2 = 0.01**2, 0.03**2
+    mu_a, mu_b = _filter_valid(a, taps), _filter_valid(b, taps)
+    var_a = _filter_valid(a * a, taps) - mu_a**2
+    var_b = _filter_valid(b * b, taps) - mu_b**2
+    cov = _filter_valid(a * b, taps) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(s.mean())

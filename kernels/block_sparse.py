@@ -192,6 +192,7 @@ if triton is not None:
         H, N_Q, S_Q, S_K, HEAD_D,
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
+        EVEN_D: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -227,23 +228,29 @@ if triton is not None:
                 k_end = tl.minimum(S_K, kb * BLOCK_N + tl.load(TileLen + kb))
             offs_n = start_n + tl.arange(0, SUB_N)
             col_ok = offs_n < k_end
-            kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * sks + offs_d[:, None],
-                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            if EVEN_D:  # head_dim is a power of two: no head_dim mask, so the loads vectorize
+                k_mask = col_ok[None, :]
+                v_mask = col_ok[:, None]
+            else:
+                k_mask = col_ok[None, :] & d_ok[:, None]
+                v_mask = col_ok[:, None] & d_ok[None, :]
+            kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * sks + offs_d[:, None], mask=k_mask, other=0.0)
             if DOT_F32:
                 kt = kt.to(tl.float32)
-            qk = tl.dot(q, kt) * qk_scale
+            qk = tl.dot(q, kt)
             if start_n + SUB_N > k_end:  # only a ragged or padded tile
                 qk = tl.where(col_ok[None, :], qk, float("-inf"))
-            qk_max = tl.max(qk, 1)
+            # the softmax scale is folded into the exponent (one FMA per score, as in Triton's tutorial)
+            qk_max = tl.max(qk, 1) * qk_scale
             m_new = tl.maximum(m_i, qk_max)
-            p = tl.math.exp2(qk - m_new[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            vv = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :],
-                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            vv = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :], mask=v_mask, other=0.0)
             if DOT_F32:
                 vv = vv.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(vv.dtype), vv, acc)
             m_i = m_new
             if RETURN_GAP:
                 tile_rm = tl.maximum(tile_rm, qk_max)
@@ -304,6 +311,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         *sb, *sc, blocks.shape[-1], H, n_q, S_q, k.shape[2], D,
         D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=sub_n,
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
+        EVEN_D=D == max(16, triton.next_power_of_2(D)),
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, **launch,

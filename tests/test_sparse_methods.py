@@ -192,6 +192,23 @@ def test_threshold_minus_inf_and_cross_attention_are_dense():
     assert method.density() is None  # nothing ran sparse
 
 
+def test_dense_steps_count_as_full_density():
+    """A dense step is computed in full, so it counts as density 1: two steps, one dense, average
+    the sparse step's density with 1."""
+    grid = (2, 8, 16)
+    S = math.prod(grid)
+    q, k, v = (torch.randn(1, 2, S, 32) for _ in range(3))
+    sparse = dit_accel.Neighborhood(window=(1, 8, 16), tile=(1, 8, 16))
+    sparse(q, k, v, None, _call(grid, step=1))
+    d = sparse.density()
+    assert d == pytest.approx(0.5)  # one of two frames
+    mixed = dit_accel.Neighborhood(window=(1, 8, 16), tile=(1, 8, 16), dense_steps=1)
+    out0 = mixed(q, k, v, None, _call(grid, step=0))
+    assert (out0 - F.scaled_dot_product_attention(q, k, v)).abs().max() < 1e-5
+    mixed(q, k, v, None, _call(grid, step=1))
+    assert mixed.density() == pytest.approx((1 + d) / 2)
+
+
 # family -> tiny pipeline size (height/width, frames) giving a token grid of at least (1, 4, 4)
 VIDEO_FAMILIES = {"wan": (64, 9), "hunyuan-video": (32, 9), "cogvideox": (64, 9), "ltx": (32, None), "flux": (32, None)}
 

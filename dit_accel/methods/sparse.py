@@ -63,8 +63,9 @@ class _TiledSparse(AttentionMethod):
             logger.info(message, *args)
 
     def density(self) -> float | None:
-        """Fraction of (query, key) token pairs computed by the sparse calls since `reset_stats()`
-        (dense fallbacks not counted), or `None` before any."""
+        """Fraction of (query, key) token pairs computed in the video self/joint-attention calls since
+        `reset_stats()` (`dense_steps` / `dense_layers` count as computed in full; cross-attention and
+        dense fallbacks are not counted), or `None` before any."""
         done, total = self._pairs
         return None if not total else float(done) / total
 
@@ -116,8 +117,14 @@ class _TiledSparse(AttentionMethod):
                 return None
         return tile_order(grid, self.tile, text, text_first, query.device)
 
-    def _dense_step(self, call: AttentionCall) -> bool:
-        return call.layout.step_index < self.dense_steps or call.module.layer in self.dense_layers
+    def _dense_step(self, order: TileOrder, call: AttentionCall, query) -> bool:
+        """Whether this (tileable) call is one of `dense_steps` / `dense_layers`; such calls count as
+        density 1 in `density()`."""
+        if call.layout.step_index < self.dense_steps or call.module.layer in self.dense_layers:
+            n = order.tile_len.numel()
+            self._count(torch.ones(1, 1, n, n, device=query.device), order, query.shape[0] * query.shape[1])
+            return True
+        return False
 
 
 @dataclass
@@ -171,8 +178,8 @@ class Neighborhood(_TiledSparse):
         return self._layouts[key][:3]
 
     def __call__(self, query, key, value, attn_mask, call: AttentionCall | None = None):
-        order = None if call is not None and self._dense_step(call) else self._order(query, key, attn_mask, call)
-        if order is None:
+        order = self._order(query, key, attn_mask, call)
+        if order is None or self._dense_step(order, call, query):
             return self._dense(query, key, value, attn_mask, call)
         tiles, blocks, counts = self._layout(order)
         self._count(tiles, order, query.shape[0] * query.shape[1])
@@ -229,8 +236,8 @@ class TemporalSparse(_TiledSparse):
         self._check_common()
 
     def __call__(self, query, key, value, attn_mask, call: AttentionCall | None = None):
-        order = None if call is not None and self._dense_step(call) else self._order(query, key, attn_mask, call)
-        if order is None:
+        order = self._order(query, key, attn_mask, call)
+        if order is None or self._dense_step(order, call, query):
             return self._dense(query, key, value, attn_mask, call)
         B, H = query.shape[:2]
         n = order.tile_len.numel()
@@ -245,6 +252,12 @@ class TemporalSparse(_TiledSparse):
         blocks, counts = tiles_to_blocks(mask, width=n)
         out, lse, gap = block_sparse_attention(order.gather(query), order.gather(key), order.gather(value), blocks,
                                                counts, tile_len=order.tile_len, return_lse=True, return_gap=True)
+        self._update(state, gap, lse, blocks, counts, order, full_now, full)
+        return order.scatter(out)
+
+    def _update(self, state: dict, gap, lse, blocks, counts, order: TileOrder, full_now: bool, full) -> None:
+        """After a pass: the next step's tile mask from the gaps, and the error-triggered refresh
+        (this and `tiles_to_blocks` are the method's bookkeeping, timed in benchmarks/sparse.py)."""
         state["mask"] = self._next_mask(gap, blocks, counts, order)
         if self.refresh_tol is not None:
             if full_now:
@@ -252,7 +265,6 @@ class TemporalSparse(_TiledSparse):
             elif "lse" in state:
                 drop = (state["lse"] - lse).clamp_min(0).nan_to_num(0.0).mean()
                 state["mask"] = torch.where(drop > self.refresh_tol, full, state["mask"])
-        return order.scatter(out)
 
     def _next_mask(self, gap, blocks, counts, order: TileOrder) -> torch.Tensor:
         """Tiles to visit at the next step: the visited ones at or above the threshold, within the

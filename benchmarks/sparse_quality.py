@@ -1,0 +1,131 @@
+"""What sparse attention costs in quality on the ShapesBench reference model.
+
+    python -m dit_accel.benchmarks.sparse_quality                  # defaults + the sweep, GPU
+    python -m dit_accel.benchmarks.sparse_quality --configs defaults --prompts 8 --steps 4   # smoke
+
+Every held-out prompt is generated with its fixed seed at the default size, steps and CFG, first
+with dense attention, then with each sparse configuration. Per configuration: PSNR and SSIM of
+every video against the dense video of the same prompt and seed (mean and worst), the checker's
+color / shape / motion accuracy (and its change from dense, in points), the measured attention
+density (token pairs computed in video self-attention / all, dense steps counted in full) and the
+wall time of the suite.
+
+Writes ``benchmarks/results/sparse-quality-<device>-<date>.json`` (or ``--out DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from dit_accel.benchmarks.reference import _generate
+from dit_accel.benchmarks.report import print_table, write_result
+from dit_accel.evals import shapes as checker
+from dit_accel.evals.metrics import psnr, ssim
+from dit_accel.pipelines import load_reference
+from dit_accel.pipelines.shapes.pipeline import DEFAULT_SIZE, DEFAULT_STEPS
+from dit_accel.pipelines.shapes.suite import held_out_suite
+
+import dit_accel
+
+
+def configs(which: str) -> dict[str, dit_accel.AttentionMethod]:
+    """Named method configurations: the defaults, and a sweep around them."""
+    out = {"Neighborhood()": dit_accel.Neighborhood(), "TemporalSparse()": dit_accel.TemporalSparse()}
+    if which == "defaults":
+        return out
+    # densities on the default 17x16x16 grid (2x8x8 tiles): window (0.5, 0.5, 0.5) 14%,
+    # (0.75, 0.5, 0.5) 20%, (0.5, 0.5, 1.0) 29%, (0.3, 1.0, 1.0) 34%, (0.75, 0.5, 1.0) 40%
+    sweep = {
+        "Neighborhood(dense_steps=2)": dit_accel.Neighborhood(dense_steps=2),
+        "Neighborhood(window=(0.75, 0.5, 0.5))": dit_accel.Neighborhood(window=(0.75, 0.5, 0.5)),
+        "Neighborhood(window=(0.5, 0.5, 1.0))": dit_accel.Neighborhood(window=(0.5, 0.5, 1.0)),
+        "Neighborhood(window=(0.5, 0.5, 1.0), dense_steps=1)": dit_accel.Neighborhood(window=(0.5, 0.5, 1.0),
+                                                                                     dense_steps=1),
+        "TemporalSparse(threshold=-6)": dit_accel.TemporalSparse(threshold=-6.0),
+        "TemporalSparse(threshold=-8)": dit_accel.TemporalSparse(threshold=-8.0),
+        "TemporalSparse(max_density=0.4)": dit_accel.TemporalSparse(max_density=0.4),
+        "TemporalSparse(threshold=-8, max_density=0.35, warmup_steps=1, refresh_every=0)":
+            dit_accel.TemporalSparse(threshold=-8.0, max_density=0.35, warmup_steps=1, refresh_every=0),
+        "TemporalSparse(threshold=-4, max_density=0.25, warmup_steps=1, refresh_every=0)":
+            dit_accel.TemporalSparse(threshold=-4.0, max_density=0.25, warmup_steps=1, refresh_every=0),
+    }
+    if which == "sweep":
+        return {**out, **sweep}
+    raise ValueError(f"--configs: expected 'defaults' or 'sweep', got {which!r}")
+
+
+def _timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def run(pipe, device, suite, batch, steps, methods) -> dict:
+    prompts = [r["prompt"] for r in suite]
+    size = dict(num_inference_steps=steps, **DEFAULT_SIZE)
+    dense, dense_s = _timed(lambda: _generate(pipe, suite, device, batch, **size))
+    dense_scores = checker.score(dense, prompts)
+    rows = [{"config": "dense", "density": 1.0, "psnr": float("inf"), "psnr_min": float("inf"), "ssim": 1.0,
+             "ssim_min": 1.0, "seconds": round(dense_s, 2),
+             **{k: dense_scores[k] for k in ("color", "shape", "motion")}}]
+    for name, method in methods.items():
+        handle = dit_accel.apply(pipe, attention=method)
+        try:
+            _generate(pipe, suite[:batch], device, batch, **size)  # warm-up: kernel compilation
+            method.reset_stats()
+            videos, secs = _timed(lambda: _generate(pipe, suite, device, batch, **size))
+        finally:
+            handle.remove()
+        scores = checker.score(videos, prompts)
+        p = [psnr(v, d) for v, d in zip(videos, dense)]
+        s = [ssim(v, d) for v, d in zip(videos, dense)]
+        row = {"config": name, "method": method.to_dict(), "density": round(method.density(), 4),
+               "psnr": round(float(np.mean(np.minimum(p, 100.0))), 2), "psnr_min": round(float(np.min(np.minimum(p, 100.0))), 2),
+               "ssim": round(float(np.mean(s)), 4), "ssim_min": round(float(np.min(s)), 4), "seconds": round(secs, 2)}
+        for k in ("color", "shape", "motion"):
+            row[k] = scores[k]
+            row[f"{k}_change_pts"] = round(100 * (scores[k] - dense_scores[k]), 1)
+        row["meets_bars"] = bool(row["psnr"] >= 28 and row["ssim"] >= 0.9 and row["density"] <= 0.40
+                                 and all(abs(row[f"{k}_change_pts"]) <= 2 or row[f"{k}_change_pts"] > 0
+                                         for k in ("color", "shape", "motion")))
+        rows.append(row)
+        print_table([row], ["config", "density", "psnr", "ssim", "color", "shape", "motion", "seconds"])
+    return {"prompts": len(suite), "size": DEFAULT_SIZE, "steps": steps, "rows": rows}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="ShapesPipeline directory (default: the shipped reference)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--configs", default="sweep", help="'defaults' (the two default methods) or 'sweep'")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps (lower only for smoke tests)")
+    ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    try:
+        methods = configs(args.configs)
+    except ValueError as e:
+        ap.error(str(e))
+    device = torch.device(args.device)
+    pipe = load_reference(device=device, dtype=None, path=args.model)
+    pipe.set_progress_bar_config(disable=True)
+    result = run(pipe, device, held_out_suite(args.prompts), args.batch, args.steps, methods)
+    print_table(result["rows"], ["config", "density", "psnr", "psnr_min", "ssim", "color", "shape", "motion",
+                                 "seconds", "meets_bars"])
+    payload = {"command": "python -m dit_accel.benchmarks.sparse_quality " + " ".join(argv or []),
+               "model": args.model or "shipped reference", "dtype": str(pipe.transformer.dtype), **result}
+    print(f"wrote {write_result('sparse-quality', payload, args.out)}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
