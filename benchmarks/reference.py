@@ -51,24 +51,25 @@ def _generate(pipe, items, device, batch, **size):
     return videos
 
 
-def quality(pipe, device, n, batch, tag, steps=DEFAULT_STEPS) -> dict:
+def quality(pipe, device, n, batch, tag, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, out_dir=None,
+            name="reference") -> dict:
     suite = held_out_suite(n)
     t0 = time.time()
-    videos = _generate(pipe, suite, device, batch, num_inference_steps=steps, **DEFAULT_SIZE)
+    videos = _generate(pipe, suite, device, batch, num_inference_steps=steps, guidance_scale=guidance, **DEFAULT_SIZE)
     scores = checker.score(videos, [r["prompt"] for r in suite])
     flicker = [temporal_flickering(v) for v in videos]
     subsets = {}
-    for name, n_objects in (("one object", 1), ("two objects", 2)):
+    for subset, n_objects in (("one object", 1), ("two objects", 2)):
         part = [v for v, r in zip(scores["per_video"], suite) if len(r["spec"].objects) == n_objects]
         s = checker.summarize(part)
-        subsets[name] = {k: s[k] for k in ("color", "shape", "motion", "videos")}
-    grid = RESULTS / f"reference-samples-{tag}.png"
+        subsets[subset] = {k: s[k] for k in ("color", "shape", "motion", "videos")}
+    grid = Path(out_dir or RESULTS) / f"{name}-samples-{tag}.png"
     save_grid(grid, videos[:16])
     return {
         "prompts": n,
         "size": DEFAULT_SIZE,
         "steps": steps,
-        "guidance_scale": DEFAULT_GUIDANCE,
+        "guidance_scale": guidance,
         "seconds": round(time.time() - t0, 1),
         "color": scores["color"],
         "shape": scores["shape"],
@@ -163,6 +164,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attention-prompts", type=int, default=8)
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps (lower only for smoke tests)")
+    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale of the quality part")
+    ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     ap.add_argument("--plot", default=None, help="only redraw the attention plot of this result JSON")
     args = ap.parse_args(argv)
     if args.plot:
@@ -179,10 +182,14 @@ def main(argv=None) -> None:
     pipe = load_reference(device=device, dtype=None, path=args.model)
     pipe.set_progress_bar_config(disable=True)
     tag = device_tag(environment()["device"])
+    name = "reference" if parts != ["speed"] else "reference-speed"
+    if (args.guidance, args.steps) != (DEFAULT_GUIDANCE, DEFAULT_STEPS):
+        name = f"reference-cfg{args.guidance:g}-steps{args.steps}"
     payload: dict = {"command": "python -m dit_accel.benchmarks.reference " + " ".join(argv or []),
                      "dtype": str(pipe.transformer.dtype)}
     if "quality" in parts:
-        payload["quality"] = quality(pipe, device, args.prompts, args.batch, tag, args.steps)
+        payload["quality"] = quality(pipe, device, args.prompts, args.batch, tag, args.steps, args.guidance, args.out,
+                                     name)
         q = payload["quality"]
         print_table([{"part": "held-out", **{k: q[k] for k in ("color", "shape", "motion", "temporal_flickering")}}]
                     + [{"part": k, **v} for k, v in q["subsets"].items()],
@@ -196,7 +203,7 @@ def main(argv=None) -> None:
         a = payload["attention"]
         print_table(a["layers"], ["layer", "entropy", "window_mass", "window_uniform", "top_tile_mass", "concentrated"])
         print(f"{a['concentrated_layers']}/{a['num_layers']} layers put >= 50% of mass in <= 25% of tiles")
-    path = write_result("reference" if parts != ["speed"] else "reference-speed", payload)
+    path = write_result(name, payload, args.out)
     print(f"wrote {path}")
     if "attention" in parts:
         try:
@@ -206,4 +213,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])
