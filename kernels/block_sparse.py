@@ -14,6 +14,9 @@ Two options serve the sparse methods:
 - ``tile_len`` (self/joint attention): valid tokens per tile, for sequences laid out as padded 3D
   tiles (``kernels.tile_order``). Key slots past a tile's length are never attended; query rows
   past it are computed but do not count for the gap below.
+- ``seq_index``: q, k, v (and the output) stay in the model's token order and the kernel reads
+  them through this index (tiled slot -> model position), so a tiled layout costs no gather or
+  scatter copies; the layout, ``tile_len``, the LSE and the gap are in the tiled order.
 - ``return_gap``: for each visited key tile, in visiting order, the largest over the tile's valid
   query rows of ``log2(max weight in the tile / running row max after the tile)``; ``-inf`` past
   ``kv_counts``. A tile whose gap is below ``t`` put less than ``2**t`` of its row maximum on any
@@ -115,12 +118,25 @@ def _outputs(out, lse=None, gap=None):
 
 def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
                                      scale: float | None = None, return_lse: bool = False,
-                                     tile_len: torch.Tensor | None = None, return_gap: bool = False, **_launch):
+                                     tile_len: torch.Tensor | None = None, return_gap: bool = False,
+                                     seq_index: torch.Tensor | None = None, **_launch):
     """PyTorch twin of :func:`block_sparse_attention` (fp32 math through an explicit mask).
 
     Launch knobs of the kernel (``sub_n``, ``num_warps``, ``num_stages``) are accepted and ignored.
     """
-    _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len)
+    _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len, seq_index)
+    if seq_index is not None:  # gather into the tiled order, attend there, write valid slots back
+        idx = seq_index.to(q.device).long()
+        res = block_sparse_attention_reference(
+            q.index_select(2, idx), k.index_select(2, idx), v.index_select(2, idx), kv_blocks, kv_counts,
+            block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse, tile_len=tile_len,
+            return_gap=return_gap)
+        res = res if isinstance(res, tuple) else (res,)
+        valid = (_tile_len_mask(tile_len, idx.numel(), block_m) if tile_len is not None
+                 else torch.ones_like(idx, dtype=torch.bool))
+        out = torch.zeros_like(q)
+        out[:, :, idx[valid]] = res[0][:, :, valid]
+        return (out, *res[1:]) if len(res) > 1 else out
     S_q = q.shape[2]
     S_k = k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -159,24 +175,36 @@ def _reference_gap(scores, kv_blocks, kv_counts, row_ok, block_m, block_n) -> to
     return gap.masked_fill(~live, inf)
 
 
-def _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len=None) -> None:
+def _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len=None, seq_index=None) -> tuple[int, int]:
+    """Validate the inputs; returns the (query, key) lengths the layout counts in (tiled when
+    ``seq_index`` is given)."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q, k, v: expected [B, H, S, D] with matching B, H, D; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    n_q = math.ceil(q.shape[2] / block_m)
+    S_q, S_k = q.shape[2], k.shape[2]
+    if seq_index is not None:
+        if seq_index.dim() != 1 or q.shape[2] != k.shape[2]:
+            raise ValueError(f"seq_index: a 1-D index over one sequence shared by q and k (self/joint attention); "
+                             f"got shape {tuple(seq_index.shape)} with {q.shape[2]} queries, {k.shape[2]} keys")
+        if tile_len is None and seq_index.numel() != q.shape[2]:
+            raise ValueError(f"seq_index: without tile_len it must be a permutation of the {q.shape[2]} tokens, got "
+                             f"{seq_index.numel()} entries; pass tile_len to mark padding slots")
+        S_q = S_k = seq_index.numel()
+    n_q = math.ceil(S_q / block_m)
     B, H = q.shape[:2]
     if kv_blocks.dim() != 4 or kv_blocks.shape[2] != n_q or kv_counts.shape != kv_blocks.shape[:3]:
         raise ValueError(f"kv_blocks / kv_counts: expected [B|1, H|1, {n_q}, n] and [B|1, H|1, {n_q}] for "
-                         f"{q.shape[2]} queries in tiles of {block_m}; got {tuple(kv_blocks.shape)} and "
+                         f"{S_q} queries in tiles of {block_m}; got {tuple(kv_blocks.shape)} and "
                          f"{tuple(kv_counts.shape)}")
     if kv_blocks.shape[0] not in (1, B) or kv_blocks.shape[1] not in (1, H):
         raise ValueError(f"kv_blocks: batch/head dims must be 1 or {B}/{H}, got {tuple(kv_blocks.shape[:2])}")
     if tile_len is not None:
-        n_k = math.ceil(k.shape[2] / block_n)
-        if block_m != block_n or q.shape[2] != k.shape[2] or tile_len.shape != (n_k,):
+        n_k = math.ceil(S_k / block_n)
+        if block_m != block_n or S_q != S_k or tile_len.shape != (n_k,):
             raise ValueError(f"tile_len: self/joint attention only (block_m == block_n, as many queries as keys) "
                              f"with one length per tile, shape ({n_k},); got block_m={block_m}, block_n={block_n}, "
-                             f"{q.shape[2]} queries, {k.shape[2]} keys, tile_len {tuple(tile_len.shape)}")
+                             f"{S_q} queries, {S_k} keys, tile_len {tuple(tile_len.shape)}")
+    return S_q, S_k
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,13 +214,13 @@ if triton is not None:
 
     @triton.jit
     def _block_sparse_fwd(
-        Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, sm_scale,
+        Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, Index, sm_scale,
         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
         sbb, sbh, sbm, scb, sch, sgm,
         H, N_Q, S_Q, S_K, HEAD_D,
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
-        EVEN_D: tl.constexpr,
+        EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -203,7 +231,10 @@ if triton is not None:
         offs_d = tl.arange(0, D_PAD)
         row_ok = offs_m < S_Q
         d_ok = offs_d < HEAD_D
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+        q_pos = offs_m
+        if HAS_INDEX:  # tiled slot -> model position: no gather / scatter copies
+            q_pos = tl.load(Index + offs_m, mask=row_ok, other=0)
+        q = tl.load(Q + b * sqb + h * sqh + q_pos[:, None] * sqs + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_F32:
             q = q.to(tl.float32)
@@ -213,11 +244,11 @@ if triton is not None:
         qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
         count = tl.load(Counts + b * scb + h * sch + pid_m)
         block_row = Blocks + b * sbb + h * sbh + pid_m * sbm
+        row_live = row_ok
+        if HAS_LEN:
+            row_live = row_ok & (offs_m < pid_m * BLOCK_M + tl.load(TileLen + pid_m))
         if RETURN_GAP:
             gap_row = Gap + (pid_bh * N_Q + pid_m) * sgm
-            row_live = row_ok
-            if HAS_LEN:
-                row_live = row_ok & (offs_m < pid_m * BLOCK_M + tl.load(TileLen + pid_m))
             tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         for i in range(count * R):
             # layout tiles of BLOCK_N keys are visited as R sub-tiles of SUB_N
@@ -234,7 +265,10 @@ if triton is not None:
             else:
                 k_mask = col_ok[None, :] & d_ok[:, None]
                 v_mask = col_ok[:, None] & d_ok[None, :]
-            kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * sks + offs_d[:, None], mask=k_mask, other=0.0)
+            k_pos = offs_n
+            if HAS_INDEX:
+                k_pos = tl.load(Index + offs_n, mask=offs_n < S_K, other=0)
+            kt = tl.load(K + b * skb + h * skh + k_pos[None, :] * sks + offs_d[:, None], mask=k_mask, other=0.0)
             if DOT_F32:
                 kt = kt.to(tl.float32)
             qk = tl.dot(q, kt)
@@ -246,7 +280,7 @@ if triton is not None:
             p = tl.math.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            vv = tl.load(V + b * svb + h * svh + offs_n[:, None] * svs + offs_d[None, :], mask=v_mask, other=0.0)
+            vv = tl.load(V + b * svb + h * svh + k_pos[:, None] * svs + offs_d[None, :], mask=v_mask, other=0.0)
             if DOT_F32:
                 vv = vv.to(tl.float32)
             acc = acc * alpha[:, None]
@@ -260,8 +294,11 @@ if triton is not None:
                     tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        tl.store(Out + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], out.to(Out.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+        out_ok = row_ok
+        if HAS_INDEX:  # padding slots repeat a model position: only valid slots write
+            out_ok = row_live
+        tl.store(Out + b * sob + h * soh + q_pos[:, None] * sos + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=out_ok[:, None] & d_ok[None, :])
         if RETURN_LSE:
             lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
             tl.store(Lse + pid_bh * S_Q + offs_m, lse, mask=row_ok)
@@ -271,7 +308,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   scale: float | None = None, return_lse: bool = False,
                                   tile_len: torch.Tensor | None = None, return_gap: bool = False,
                                   sub_n: int | None = None, num_warps: int | None = None,
-                                  num_stages: int | None = None):
+                                  num_stages: int | None = None, seq_index: torch.Tensor | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     ``sub_n`` (a power of two dividing ``block_n``: keys per inner step, default ``block_n``),
@@ -281,10 +318,10 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     """
     if triton is None:
         raise RuntimeError("block_sparse_attention_triton: triton is not installed; use the reference twin")
-    _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len)
+    S_q, S_k = _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len, seq_index)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    B, H, S_q, D = q.shape
+    B, H, _, D = q.shape
     if D > 256:
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
@@ -299,19 +336,20 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     gap = (torch.full((B, H, n_q, blocks.shape[-1]), float("-inf"), device=q.device, dtype=torch.float32)
            if return_gap else out)
     lens = tile_len.to(device=q.device, dtype=torch.int32).contiguous() if tile_len is not None else counts
+    index = seq_index.to(device=q.device, dtype=torch.int32).contiguous() if seq_index is not None else counts
     sb = [blocks.stride(0) if blocks.shape[0] > 1 else 0, blocks.stride(1) if blocks.shape[1] > 1 else 0,
           blocks.stride(2)]
     sc = [counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1) if counts.shape[1] > 1 else 0]
     launch = {"num_warps": num_warps or (8 if D > 64 else 4), "num_stages": num_stages or 3}
     grid = (n_q, B * H)
     _block_sparse_fwd[grid](
-        q, k, v, out, lse, gap, blocks, counts, lens, scale,
+        q, k, v, out, lse, gap, blocks, counts, lens, index, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *sb, *sc, blocks.shape[-1], H, n_q, S_q, k.shape[2], D,
+        *sb, *sc, blocks.shape[-1], H, n_q, S_q, S_k, D,
         D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=sub_n,
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
-        EVEN_D=D == max(16, triton.next_power_of_2(D)),
+        EVEN_D=D == max(16, triton.next_power_of_2(D)), HAS_INDEX=seq_index is not None,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, **launch,
@@ -325,7 +363,8 @@ def triton_usable(t: torch.Tensor) -> bool:
 
 def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
                            scale: float | None = None, return_lse: bool = False,
-                           tile_len: torch.Tensor | None = None, return_gap: bool = False, **launch):
+                           tile_len: torch.Tensor | None = None, return_gap: bool = False,
+                           seq_index: torch.Tensor | None = None, **launch):
     """Block-sparse attention: the Triton kernel where it can run, else the reference twin (logged once).
 
     Args:
@@ -337,6 +376,9 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
         tile_len: int ``[n_tiles]`` valid tokens per tile (padded 3D-tile layouts; self/joint only).
         return_gap: also return the per-visited-tile gap, float32 ``[B, H, n_q_tiles, max_count]``
             (see the module docstring).
+        seq_index: int ``[S_tiled]``, the model position of each tiled slot (padding slots repeat
+            one; ``tile_len`` marks them): q, k, v and the output stay in model order while the
+            layout, ``tile_len``, LSE and gap count in tiled order (see the module docstring).
         launch: ``sub_n``, ``num_warps``, ``num_stages`` for the kernel.
 
     Returns ``out``, or a tuple ``(out, lse?, gap?)`` with the requested extras in that order.
@@ -344,7 +386,7 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
     if triton_usable(q):
         return block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                              scale=scale, return_lse=return_lse, tile_len=tile_len,
-                                             return_gap=return_gap, **launch)
+                                             return_gap=return_gap, seq_index=seq_index, **launch)
     key = q.device.type
     if key not in _warned:
         _warned.add(key)
@@ -352,4 +394,4 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
                     "(explicit mask, slower)", key)
     return block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                             scale=scale, return_lse=return_lse, tile_len=tile_len,
-                                            return_gap=return_gap)
+                                            return_gap=return_gap, seq_index=seq_index)

@@ -184,3 +184,60 @@ def test_tile_len_needs_self_attention_shapes():
     with pytest.raises(ValueError, match="tile_len"):
         bs.block_sparse_attention_reference(q, k, v, blocks, counts, block_m=32, block_n=32,
                                             tile_len=torch.full((3,), 32))
+
+
+@pytest.mark.parametrize(("S_model", "D", "dtype", "B"), [(130, 64, torch.bfloat16, 2), (97, 128, torch.float16, 1)])
+def test_seq_index_reads_and_writes_model_order(S_model, D, dtype, B):
+    """With ``seq_index`` the kernel reads q, k, v in model order through the index and writes the
+    output back there: equal to gather -> attention -> scatter, and to a float64 oracle."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    tile = 32
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = _inputs(B, 2, S_model, D, dtype, seed)
+    # padded tiles holding a random permutation of the model's tokens
+    lens = []
+    left = S_model
+    while left:
+        lens.append(min(left, int(torch.randint(tile // 2, tile + 1, (), generator=g))))
+        left -= lens[-1]
+    tile_len = torch.tensor(lens)
+    n = len(lens)
+    perm = torch.randperm(S_model, generator=g)
+    index = torch.zeros(n * tile, dtype=torch.long)
+    valid = (torch.arange(n * tile) % tile) < tile_len[torch.arange(n * tile) // tile]
+    index[valid] = perm
+    index[~valid] = perm[0]  # padding slots repeat a valid position
+    tile_mask = (torch.rand(B, 2, n, n, generator=g) < 0.6) | torch.eye(n, dtype=torch.bool)
+    blocks, counts = bs.tiles_to_blocks(tile_mask)
+    kw = dict(block_m=tile, block_n=tile, tile_len=tile_len, return_lse=True, return_gap=True)
+    out, lse, gap = bs.block_sparse_attention_triton(q, k, v, blocks, counts, sub_n=16, seq_index=index, **kw)
+    ref, ref_lse, ref_gap = bs.block_sparse_attention_reference(q, k, v, blocks, counts, seq_index=index, **kw)
+    qt, kt, vt = (x[:, :, index] for x in (q, k, v))
+    tiled, tiled_lse, tiled_gap = bs.block_sparse_attention_triton(qt, kt, vt, blocks, counts, sub_n=16, **kw)
+    assert out.shape == q.shape
+    assert torch.equal(out[:, :, index[valid]], tiled[:, :, valid]), f"kernel: index path != gathered (seed {seed})"
+    assert torch.equal(gap, tiled_gap) and torch.equal(lse[..., valid], tiled_lse[..., valid])
+    # float64 oracle in tiled order, mapped back to model order
+    s64 = qt.double() @ kt.double().transpose(-1, -2) / math.sqrt(D)
+    ones = torch.ones(tile, tile, dtype=torch.float64)
+    mask = torch.stack([torch.stack([torch.kron(tile_mask[b, h].double(), ones) > 0 for h in range(2)])
+                        for b in range(B)]) & valid
+    exact_t = torch.softmax(s64.masked_fill(~mask, float("-inf")), -1) @ vt.double()
+    exact = torch.zeros_like(q, dtype=torch.float64)
+    exact[:, :, index[valid]] = exact_t[:, :, valid]
+    eps = 2**-8 if dtype == torch.bfloat16 else 2**-11
+    scale = exact.abs().amax().item()
+    for name, got in (("kernel", out), ("reference", ref)):
+        err = (got.double() - exact).abs().amax().item() / scale
+        assert err <= 4 * eps, f"{name}: relative error {err:.2e} (seed {seed})"
+    finite = ref_gap.isfinite()
+    assert torch.equal(gap.isfinite(), finite) and (gap - ref_gap)[finite].abs().max() <= 0.05
+    assert (lse[..., valid] - ref_lse[..., valid]).abs().max() <= 1e-2
+
+
+def test_seq_index_without_tile_len_must_be_a_permutation():
+    q, k, v = _inputs(1, 1, 64, 64, torch.float32, 0)
+    blocks, counts = bs.tiles_to_blocks(torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="seq_index"):
+        bs.block_sparse_attention_reference(q, k, v, blocks, counts, block_m=32, block_n=32,
+                                            seq_index=torch.arange(96) % 64)

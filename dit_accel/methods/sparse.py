@@ -1,9 +1,10 @@
 """Sparse attention over tile-aligned video tokens: `Neighborhood` (static 3D windows) and
 `TemporalSparse` (tiles found negligible at one denoising step are skipped at the next).
 
-Both reorder the video tokens of a self- or joint-attention call into 3D tiles
-(`dit_accel.kernels.tile_order`), run the block-sparse kernel (`dit_accel.kernels.block_sparse`:
-Triton on CUDA, its PyTorch twin elsewhere) and restore the model's order. Text tokens of joint
+Both lay the video tokens of a self- or joint-attention call out in 3D tiles
+(`dit_accel.kernels.tile_order`) and run the block-sparse kernel (`dit_accel.kernels.block_sparse`:
+Triton on CUDA, its PyTorch twin elsewhere) over that order; the kernel reads q, k, v and writes
+the output in the model's order through the layout's index, so nothing is copied. Text tokens of joint
 attention stay dense as queries and as keys; cross-attention, text-only attention, calls whose
 grid is unknown and calls with a mask that hides keys run dense (each reason logged once).
 """
@@ -17,11 +18,10 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..kernels.block_sparse import (
-    TILE,
-    add_dense_ranges,
     block_sparse_attention,
     tiles_to_blocks,
 )
+from ..kernels.next_layout import next_mask
 from ..kernels.tile_order import TileOrder, tile_order, window_tiles
 from ..layout import AttentionCall
 from .base import AttentionMethod
@@ -183,9 +183,8 @@ class Neighborhood(_TiledSparse):
             return self._dense(query, key, value, attn_mask, call)
         tiles, blocks, counts = self._layout(order)
         self._count(tiles, order, query.shape[0] * query.shape[1])
-        out = block_sparse_attention(order.gather(query), order.gather(key), order.gather(value), blocks, counts,
-                                     tile_len=order.tile_len)
-        return order.scatter(out)
+        return block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
+                                      seq_index=order.index)
 
 
 @dataclass
@@ -250,10 +249,10 @@ class TemporalSparse(_TiledSparse):
         mask = full if full_now else state["mask"]
         self._count(mask, order, B * H)
         blocks, counts = tiles_to_blocks(mask, width=n)
-        out, lse, gap = block_sparse_attention(order.gather(query), order.gather(key), order.gather(value), blocks,
-                                               counts, tile_len=order.tile_len, return_lse=True, return_gap=True)
+        out, lse, gap = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
+                                               seq_index=order.index, return_lse=True, return_gap=True)
         self._update(state, gap, lse, blocks, counts, order, full_now, full)
-        return order.scatter(out)
+        return out
 
     def _update(self, state: dict, gap, lse, blocks, counts, order: TileOrder, full_now: bool, full) -> None:
         """After a pass: the next step's tile mask from the gaps, and the error-triggered refresh
@@ -268,21 +267,8 @@ class TemporalSparse(_TiledSparse):
 
     def _next_mask(self, gap, blocks, counts, order: TileOrder) -> torch.Tensor:
         """Tiles to visit at the next step: the visited ones at or above the threshold, within the
-        density floor and ceiling, text tiles always."""
+        density floor and ceiling (ties at a bound kept), text tiles always; one kernel launch."""
         n = order.tile_len.numel()
-        live = torch.arange(blocks.shape[-1], device=gap.device) < counts[..., None]
-        rank = torch.empty_like(blocks, dtype=torch.long)
-        rank.scatter_(-1, gap.argsort(-1, descending=True), torch.arange(blocks.shape[-1], device=gap.device)
-                      .expand_as(blocks).contiguous())
-        k_min = max(1, math.ceil(self.min_density * n))
-        k_max = max(1, math.ceil(self.max_density * n))
-        keep = ((gap >= self.threshold) | (rank < k_min)) & (rank < k_max) & live
-        # list entries past the count repeat a tile: they write to a spare column, then dropped
-        target = torch.where(live, blocks.long(), torch.full_like(blocks.long(), n))
-        mask = torch.zeros(*blocks.shape[:-1], n + 1, dtype=torch.bool, device=gap.device)
-        mask = mask.scatter_(-1, target, keep)[..., :n]
-        if order.text:
-            start = order.video_tiles * TILE
-            mask = add_dense_ranges(mask, [(start, start + order.text)], order.length)
-        return mask.contiguous()
-
+        return next_mask(gap, blocks, counts, n_k=n, threshold=self.threshold,
+                         k_min=max(1, math.ceil(self.min_density * n)), k_max=max(1, math.ceil(self.max_density * n)),
+                         text_tile=order.video_tiles if order.text else None)

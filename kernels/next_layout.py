@@ -1,0 +1,119 @@
+"""TemporalSparse's next-step tile mask from the kernel's gap output, in one kernel launch.
+
+For every (batch, head, query tile) row: of the key tiles the row visited, keep those whose gap
+(``block_sparse``'s ``return_gap``) is at least ``threshold``, at least the ``k_min`` largest
+gaps and at most the ``k_max`` largest (equal gaps rank by visiting order, earlier first, so the
+bounds are exact: gaps saturate at 0 for every tile that holds some row's maximum); text key tiles
+and text query rows (tiles from ``text_tile`` on) keep everything they visited. The result is a bool
+``[B, H, n_q, n_k]`` tile mask. :func:`next_mask_reference` is the PyTorch twin (same signature).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .block_sparse import triton, triton_usable
+
+if triton is not None:
+    import triton.language as tl
+
+
+def _check(gap, blocks, counts, n_k: int, k_min: int, k_max: int) -> None:
+    if gap.dim() != 4 or blocks.shape[-1] != gap.shape[-1] or blocks.shape[2] != gap.shape[2]:
+        raise ValueError(f"gap / blocks: expected [B, H, n_q, width] with matching n_q and width, got "
+                         f"{tuple(gap.shape)} and {tuple(blocks.shape)}")
+    if counts.shape[-1] != gap.shape[2]:
+        raise ValueError(f"counts: expected [B|1, H|1, {gap.shape[2]}], got {tuple(counts.shape)}")
+    if not 1 <= k_min or not 1 <= k_max or n_k < 1:
+        raise ValueError(f"k_min / k_max / n_k: must be >= 1, got {k_min}, {k_max}, {n_k}")
+
+
+def _rank_key(g: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordering entries by gap (descending sort = largest first), equal gaps by position
+    (earlier first): the float's bits made monotone in the high word, the reversed position low."""
+    bits = g.contiguous().view(torch.int32)
+    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    pos = torch.arange(g.shape[-1], device=g.device)
+    return (mono.long() << 32) | (g.shape[-1] - pos)
+
+
+def next_mask_reference(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_max: int,
+                        text_tile: int | None = None) -> torch.Tensor:
+    """PyTorch twin of :func:`next_mask`."""
+    _check(gap, blocks, counts, n_k, k_min, k_max)
+    B, H, n_q, W = gap.shape
+    text_tile = n_k if text_tile is None else text_tile
+    blocks = blocks.long().expand(B, H, n_q, W)
+    live = torch.arange(W, device=gap.device) < counts.expand(B, H, n_q)[..., None]
+    g = gap.float().masked_fill(~live, float("-inf"))
+    key = _rank_key(g)
+    ranked = key.sort(-1, descending=True).values
+    k_lo = ranked[..., min(k_min, W) - 1 : min(k_min, W)]
+    k_hi = ranked[..., min(k_max, W) - 1 : min(k_max, W)]
+    keep = ((g >= threshold) | (key >= k_lo)) & (key >= k_hi)
+    text_row = (torch.arange(n_q, device=gap.device) >= text_tile)[:, None]
+    keep = live & (keep | (blocks >= text_tile) | text_row)
+    target = torch.where(live, blocks, torch.full_like(blocks, n_k))  # entries past the count: spare column
+    mask = torch.zeros(B, H, n_q, n_k + 1, dtype=torch.bool, device=gap.device)
+    return mask.scatter_(-1, target, keep)[..., :n_k].contiguous()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _next_mask_kernel(Gap, Blocks, Counts, Mask, threshold, H, N_Q, W, N_K, TEXT_TILE, K_MIN, K_MAX,
+                          sbb, sbh, scb, sch, W_PAD: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs = tl.arange(0, W_PAD)
+        count = tl.load(Counts + b * scb + h * sch + pid_m)
+        live = offs < count
+        row = pid_bh * N_Q + pid_m
+        g = tl.load(Gap + row * W + offs, mask=offs < W, other=float("-inf"))
+        g = tl.where(live, g, float("-inf"))
+        blk = tl.load(Blocks + b * sbb + h * sbh + pid_m * W + offs, mask=live, other=0)
+        bits = g.to(tl.int32, bitcast=True)
+        mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        # as _rank_key; slots W..W_PAD (g = -inf, low word 0) rank below every real entry
+        key = (mono.to(tl.int64) << 32) | tl.where(offs < W, W - offs, 0).to(tl.int64)
+        ranked = tl.sort(key, descending=True)
+        k_lo = tl.sum(tl.where(offs == tl.minimum(K_MIN, W) - 1, ranked, 0), 0)
+        k_hi = tl.sum(tl.where(offs == tl.minimum(K_MAX, W) - 1, ranked, 0), 0)
+        keep = ((g >= threshold) | (key >= k_lo)) & (key >= k_hi)
+        keep = live & (keep | (blk >= TEXT_TILE) | (pid_m >= TEXT_TILE))
+        tl.store(Mask + row * N_K + blk, keep.to(tl.int8), mask=live)
+
+
+def next_mask(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_max: int,
+              text_tile: int | None = None) -> torch.Tensor:
+    """The next step's tile mask (see the module docstring): the Triton kernel where it can run,
+    else the twin.
+
+    Args:
+        gap: float32 ``[B, H, n_q, width]``, the kernel's gap output for this layout.
+        blocks, counts: the layout that produced it (``tiles_to_blocks``; leading dims may be 1).
+        n_k: key tiles (columns of the mask).
+        threshold: log2 gap at or above which a visited tile is kept.
+        k_min, k_max: per row, keep at least / at most this many tiles (by largest gap).
+        text_tile: first text tile (text key tiles and text query rows keep everything); None: no text.
+    """
+    if not triton_usable(gap):
+        return next_mask_reference(gap, blocks, counts, n_k=n_k, threshold=threshold, k_min=k_min, k_max=k_max,
+                                   text_tile=text_tile)
+    _check(gap, blocks, counts, n_k, k_min, k_max)
+    B, H, n_q, W = gap.shape
+    gap = gap.float().contiguous()
+    blocks = blocks.to(torch.int32)
+    if blocks.stride(-1) != 1 or blocks.stride(-2) != W:
+        blocks = blocks.contiguous()
+    counts = counts.to(torch.int32)
+    mask = torch.zeros(B, H, n_q, n_k, dtype=torch.int8, device=gap.device)
+    sb = [blocks.stride(0) if blocks.shape[0] > 1 else 0, blocks.stride(1) if blocks.shape[1] > 1 else 0]
+    sc = [counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1) if counts.shape[1] > 1 else 0]
+    _next_mask_kernel[(n_q, B * H)](
+        gap, blocks, counts, mask, float(threshold), H, n_q, W, n_k, n_k if text_tile is None else text_tile,
+        k_min, k_max, *sb, *sc, W_PAD=max(16, triton.next_power_of_2(W)), num_warps=4,
+    )
+    return mask.view(torch.bool)
