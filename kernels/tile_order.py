@@ -37,7 +37,7 @@ def _as_triple(value, name: str) -> Triple:
 def choose_tile(grid: Triple, tile_tokens: int = TILE) -> Triple:
     """The 3D tile of at most ``tile_tokens`` tokens for ``grid``: few tiles (little padding) and a
     compact shape (local windows stay local). The cost is tiles x (1 + 0.02 x longest/shortest
-    side), ties going to fewer frames per tile; e.g. Wan 480p (21, 30, 52) gets (3, 10, 4)."""
+    side), ties going to fewer frames per tile; e.g. Wan 480p (21, 30, 52) gets (7, 3, 6)."""
     T, H, W = grid
     best = None
     for t in range(1, min(T, tile_tokens) + 1):
