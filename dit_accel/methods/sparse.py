@@ -267,7 +267,8 @@ class TemporalSparse(_TiledSparse):
 
     def _next_mask(self, gap, blocks, counts, order: TileOrder) -> torch.Tensor:
         """Tiles to visit at the next step: the visited ones at or above the threshold, within the
-        density floor and ceiling (ties at a bound kept), text tiles always; one kernel launch."""
+        density floor and ceiling (exact counts: equal gaps rank by visiting order), text tiles always;
+        one kernel launch."""
         n = order.tile_len.numel()
         return next_mask(gap, blocks, counts, n_k=n, threshold=self.threshold,
                          k_min=max(1, math.ceil(self.min_density * n)), k_max=max(1, math.ceil(self.max_density * n)),
