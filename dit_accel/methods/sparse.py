@@ -30,6 +30,11 @@ from .dense import Dense
 logger = logging.getLogger("dit_accel")
 
 
+def _tokens(order: TileOrder) -> int:
+    """Tokens of the call in the model's order (what ``order.tile_len`` sums to), known on the host."""
+    return math.prod(order.grid) + order.text
+
+
 def _triple_or_none(value, name: str):
     if value is None:
         return None
@@ -81,12 +86,16 @@ class _TiledSparse(AttentionMethod):
 
     def _count(self, tile_mask: torch.Tensor, order: TileOrder, rows: int) -> None:
         """Add one call's pairs: `tile_mask` ``[b, h, n, n]`` (b, h may be 1: broadcast) over `rows`
-        (batch x heads) attention rows."""
+        (batch x heads) attention rows. The computed pairs stay on the device (no host sync)."""
         lens = order.tile_len.float()
         pairs = torch.einsum("bhqk,q,k->", tile_mask.float(), lens, lens)
         pairs = pairs * (rows // (tile_mask.shape[0] * tile_mask.shape[1]))
-        valid = float(lens.sum())
-        self._pairs = [self._pairs[0] + pairs, self._pairs[1] + rows * valid * valid]
+        self._pairs = [self._pairs[0] + pairs, self._pairs[1] + rows * _tokens(order) ** 2]
+
+    def _count_full(self, order: TileOrder, rows: int) -> None:
+        """Add one call that computes every pair (dense steps and layers, full passes)."""
+        total = rows * _tokens(order) ** 2
+        self._pairs = [self._pairs[0] + total, self._pairs[1] + total]
 
     def _order(self, query, key, attn_mask, call: AttentionCall | None) -> TileOrder | None:
         """The tiled order of this call, or None when it must run dense."""
@@ -121,8 +130,7 @@ class _TiledSparse(AttentionMethod):
         """Whether this (tileable) call is one of `dense_steps` / `dense_layers`; such calls count as
         density 1 in `density()`."""
         if call.layout.step_index < self.dense_steps or call.module.layer in self.dense_layers:
-            n = order.tile_len.numel()
-            self._count(torch.ones(1, 1, n, n, device=query.device), order, query.shape[0] * query.shape[1])
+            self._count_full(order, query.shape[0] * query.shape[1])
             return True
         return False
 
@@ -246,8 +254,12 @@ class TemporalSparse(_TiledSparse):
         full_now = (step < self.warmup_steps or "mask" not in state
                     or (self.refresh_every > 0 and since > 0 and since % self.refresh_every == 0))
         full = torch.ones((), dtype=torch.bool, device=query.device).expand(B, H, n, n)
-        mask = full if full_now else state["mask"]
-        self._count(mask, order, B * H)
+        if full_now:
+            mask = full
+            self._count_full(order, B * H)
+        else:
+            mask = state["mask"]
+            self._count(mask, order, B * H)
         blocks, counts = tiles_to_blocks(mask, width=n)
         out, lse, gap = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
                                                seq_index=order.index, return_lse=True, return_gap=True)
