@@ -27,9 +27,11 @@ from dit_accel.benchmarks.report import cuda_time_ms, median, print_table, write
 from dit_accel.kernels.block_sparse import (
     TILE,
     add_dense_ranges,
+    block_sparse_attention,
     block_sparse_attention_triton,
     tiles_to_blocks,
 )
+from dit_accel.kernels.tile_order import tile_order
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dit_accel.backends import _compiled_flex
@@ -44,6 +46,12 @@ SHAPES = {
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
 # (sub_n, num_warps, num_stages) launch configurations tried for the Triton kernel
 CONFIGS = list(itertools.product((64, 128), (4, 8), (3, 4)))
+
+
+def cudnn_sdpa(q, k, v):
+    """The dense baseline: SDPA forced onto cuDNN."""
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 def random_layout(seq: int, heads: int, density: float, text: int, seed: int) -> torch.Tensor:
@@ -87,8 +95,7 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
     q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 
     def dense():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v)
+        return cudnn_sdpa(q, k, v)
 
     def baseline() -> float:
         return median(cuda_time_ms(dense, iters=iters))
@@ -159,20 +166,13 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
     same kernel on tensors already in tiled order (what the methods pay), gather + scatter copies
     (the alternative), and the bookkeeping (compacting the mask, the next mask from the kernel's
     gaps, the refresh check)."""
-    from dit_accel.kernels.block_sparse import block_sparse_attention
-    from dit_accel.kernels.tile_order import tile_order
-
     from dit_accel import TemporalSparse
 
     order = tile_order(grid, None, text, False, torch.device("cuda"))
     seq = math.prod(grid) + text
     q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 
-    def dense():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(q, k, v)
-
-    dense_ms = median(cuda_time_ms(dense, iters=iters))
+    dense_ms = median(cuda_time_ms(lambda: cudnn_sdpa(q, k, v), iters=iters))
     qt, kt, vt = order.gather(q), order.gather(k), order.gather(v)
 
     def copies():

@@ -337,9 +337,8 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
            if return_gap else out)
     lens = tile_len.to(device=q.device, dtype=torch.int32).contiguous() if tile_len is not None else counts
     index = seq_index.to(device=q.device, dtype=torch.int32).contiguous() if seq_index is not None else counts
-    sb = [blocks.stride(0) if blocks.shape[0] > 1 else 0, blocks.stride(1) if blocks.shape[1] > 1 else 0,
-          blocks.stride(2)]
-    sc = [counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1) if counts.shape[1] > 1 else 0]
+    sb = [*lead_strides(blocks), blocks.stride(2)]
+    sc = lead_strides(counts)
     launch = {"num_warps": num_warps or (8 if D > 64 else 4), "num_stages": num_stages or 3}
     grid = (n_q, B * H)
     _block_sparse_fwd[grid](
@@ -355,6 +354,11 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         DOT_F32=not q.is_cuda, **launch,
     )
     return _outputs(out, lse if return_lse else None, gap if return_gap else None)
+
+
+def lead_strides(t: torch.Tensor) -> list[int]:
+    """Batch and head strides of a layout tensor for a kernel, 0 where that dimension is 1 (broadcast)."""
+    return [t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0]
 
 
 def triton_usable(t: torch.Tensor) -> bool:

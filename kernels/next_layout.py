@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_sparse import triton, triton_usable
+from .block_sparse import lead_strides, triton, triton_usable
 
 if triton is not None:
     import triton.language as tl
@@ -110,10 +110,8 @@ def next_mask(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_
         blocks = blocks.contiguous()
     counts = counts.to(torch.int32)
     mask = torch.zeros(B, H, n_q, n_k, dtype=torch.int8, device=gap.device)
-    sb = [blocks.stride(0) if blocks.shape[0] > 1 else 0, blocks.stride(1) if blocks.shape[1] > 1 else 0]
-    sc = [counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1) if counts.shape[1] > 1 else 0]
     _next_mask_kernel[(n_q, B * H)](
         gap, blocks, counts, mask, float(threshold), H, n_q, W, n_k, n_k if text_tile is None else text_tile,
-        k_min, k_max, *sb, *sc, W_PAD=max(16, triton.next_power_of_2(W)), num_warps=4,
+        k_min, k_max, *lead_strides(blocks), *lead_strides(counts), W_PAD=max(16, triton.next_power_of_2(W)), num_warps=4,
     )
     return mask.view(torch.bool)

@@ -7,8 +7,10 @@ skips through ``tile_len``). In this order a local 3D window is a set of whole k
 NATTEN's and Sliding Tile Attention's token layouts; text tokens of joint attention follow the
 video tiles, dense both ways.
 
-``TileOrder.gather`` / ``scatter`` move ``[B, heads, S, D]`` tensors between the model's order and
-the tiled one with one ``index_select`` each; both are exact (pure data movement).
+The block-sparse kernel reads tensors in the model's order through ``TileOrder.index``
+(``seq_index``), so the sparse methods copy nothing; ``TileOrder.gather`` / ``scatter`` move
+``[B, heads, S, D]`` tensors between the two orders explicitly (one ``index_select`` each; exact),
+for references and comparisons.
 """
 
 from __future__ import annotations
