@@ -282,6 +282,19 @@ def _shape_sdf(shape_idx: torch.Tensor, px: torch.Tensor, py: torch.Tensor, r: t
     return torch.where(i == 0, circle, torch.where(i == 1, square, torch.where(i == 2, triangle, diamond)))
 
 
+def to_device(values, device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``; to a GPU through pinned memory without waiting for it.
+
+    A copy from ordinary (pageable) host memory makes the host wait until the GPU has finished all
+    queued work, so a training step that renders its batch would otherwise start on an idle GPU.
+    """
+    device = torch.device(device)
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def render(specs: Sequence[SampleSpec], num_frames: int, height: int, width: int, device=None) -> torch.Tensor:
     """Render specs to videos in [-1, 1], shape [B, 3, F, H, W] (float32)."""
     device = torch.device(device or "cpu")
@@ -294,10 +307,10 @@ def render(specs: Sequence[SampleSpec], num_frames: int, height: int, width: int
     aspect_y = height / side
 
     # background
-    base = torch.tensor([BACKGROUNDS[s.background] for s in specs], device=device)  # [B, 3]
-    base2 = torch.tensor([BACKGROUNDS[s.background2] for s in specs], device=device)
-    kinds = torch.tensor([BACKGROUND_KINDS.index(s.background_kind) for s in specs], device=device)
-    pat = torch.tensor([s.pattern for s in specs], device=device)  # [B, 3]
+    base = to_device([BACKGROUNDS[s.background] for s in specs], device)  # [B, 3]
+    base2 = to_device([BACKGROUNDS[s.background2] for s in specs], device)
+    kinds = to_device([BACKGROUND_KINDS.index(s.background_kind) for s in specs], device)
+    pat = to_device([s.pattern for s in specs], device)  # [B, 3]
     freq, ang, phase = pat[:, 0, None, None], pat[:, 1, None, None], pat[:, 2, None, None]
     u = gx / aspect_x * torch.cos(ang) + gy / aspect_y * torch.sin(ang)  # [B, H, W]
     grad_t = ((u - u.amin((1, 2), keepdim=True)) / (u.amax((1, 2), keepdim=True) - u.amin((1, 2), keepdim=True) + 1e-6))
@@ -313,18 +326,18 @@ def render(specs: Sequence[SampleSpec], num_frames: int, height: int, width: int
     aa = 1.0 / side  # antialiasing ramp: one pixel
     max_obj = max(len(s.objects) for s in specs)
     for j in range(max_obj):
-        present = torch.tensor([j < len(s.objects) for s in specs], device=device)
+        present = to_device([j < len(s.objects) for s in specs], device)
         objs = [s.objects[j] if j < len(s.objects) else s.objects[0] for s in specs]
-        cx = torch.tensor([[o.center(t)[0] for t in taus] for o in objs], device=device)  # [B, F]
-        cy = torch.tensor([[o.center(t)[1] for t in taus] for o in objs], device=device)
-        rad = torch.tensor([[o.radius_at(t) for t in taus] for o in objs], device=device)
+        cx = to_device([[o.center(t)[0] for t in taus] for o in objs], device)  # [B, F]
+        cy = to_device([[o.center(t)[1] for t in taus] for o in objs], device)
+        rad = to_device([[o.radius_at(t) for t in taus] for o in objs], device)
         # map centers in [0,1] of the shorter side onto the frame
         px = gx[None, None] - (cx * aspect_x)[:, :, None, None]  # [B, F, H, W]
         py = gy[None, None] - (cy * aspect_y)[:, :, None, None]
-        shape_idx = torch.tensor([SHAPES.index(o.shape) for o in objs], device=device)
+        shape_idx = to_device([SHAPES.index(o.shape) for o in objs], device)
         sdf = _shape_sdf(shape_idx[:, None, None, None], px, py, rad[:, :, None, None])
         alpha = (0.5 - sdf / aa).clamp(0, 1) * present[:, None, None, None]  # [B, F, H, W]
-        color = torch.tensor([COLORS[o.color] for o in objs], device=device)  # [B, 3]
+        color = to_device([COLORS[o.color] for o in objs], device)  # [B, 3]
         video = video * (1 - alpha[:, None]) + color[:, :, None, None, None] * alpha[:, None]
     return video * 2 - 1
 

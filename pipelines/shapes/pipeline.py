@@ -26,7 +26,7 @@ from diffusers import (
 )
 from diffusers.utils import BaseOutput
 
-from .data import MAX_TEXT_TOKENS, vocabulary
+from .data import MAX_TEXT_TOKENS, to_device, vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def encode_text(tokenizer, text_encoder, prompts: list[str], device, dtype) -> t
     batch = tokenizer(
         prompts, padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt"
     )
-    ids = batch.input_ids.to(device)
-    mask = batch.attention_mask.to(device)
+    ids = to_device(batch.input_ids, device)
+    mask = to_device(batch.attention_mask, device)
     hidden = text_encoder(ids, attention_mask=mask).last_hidden_state
     return (hidden * mask[..., None].to(hidden.dtype)).to(dtype)
 
