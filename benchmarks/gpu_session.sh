@@ -2,10 +2,10 @@
 # Every H100 figure of this project in one go, in priority order, as the GPU machine here allows:
 # run it in the background (setsid) and collect the results while it runs.
 #
-#   bash benchmarks/gpu_session.sh [TRAIN_MINUTES [LAST_STAGE]]   # default 13, all stages
+#   bash benchmarks/gpu_session.sh [TRAIN_MINUTES [LAST_STAGE]]   # default 24, all stages
 #
 # LAST_STAGE (train, reference, sparse, quality, shapes) ends the session after that stage;
-# TRAIN_ARGS (environment) adds trainer flags, e.g. TRAIN_ARGS=--compile.
+# TRAIN_ARGS (environment) adds trainer flags, e.g. TRAIN_ARGS=--no-compile.
 #
 # 1. trains the ShapesBench reference model from scratch (artifacts/shapes, resumable),
 # 2. benchmarks it (quality on the held-out suite, speed, attention structure),
@@ -16,7 +16,7 @@
 # Results land in benchmarks/results/; logs and a progress file in artifacts/gpu-session/.
 set -u
 cd "$(dirname "$0")/.."
-minutes="${1:-13}"
+minutes="${1:-24}"
 last="${2:-shapes}"
 logs=artifacts/gpu-session
 mkdir -p "$logs"

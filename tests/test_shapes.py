@@ -177,3 +177,29 @@ def test_dense_adapter_matches_stock_on_the_trained_model(reference):
     finally:
         handle.remove()
     assert (ours - stock).abs().max().item() <= 1e-5
+
+
+def test_trainer_resumes_and_exports_the_ema_weights(tmp_path, capsys):
+    """A run cut by --budget-s resumes from its checkpoint; the exported pipeline holds the EMA weights."""
+    from dit_accel.pipelines.shapes.train import main
+
+    args = ["--out", str(tmp_path), "--device", "cpu", "--no-compile", "--minutes", "0.03", "--batch-scale", "0.02",
+            "--log-every", "1", "--sample-every", "0", "--sample-steps", "1", "--sample-prompts", "1", "--warmup", "2"]
+    main([*args, "--budget-s", "0.01"])
+    first = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert 1 <= first["step"] and not (tmp_path / "pipeline").exists()
+    main(args)
+    assert f"resumed at step {first['step']}" in capsys.readouterr().out
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    summary = json.loads((tmp_path / "training.json").read_text())
+    assert summary["steps"] == state["step"] > first["step"]
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, state["step"] + 1))  # one row per step, none repeated
+
+    from diffusers import WanTransformer3DModel
+
+    exported = WanTransformer3DModel.from_pretrained(tmp_path / "pipeline" / "transformer")
+    live = dict(zip([n for n, _ in exported.named_parameters()], state["ema"]))
+    for name, p in exported.named_parameters():
+        assert torch.equal(p, live[name].half()), name   # the EMA, not the live weights
+    assert any(not torch.equal(p, state["transformer"][n].half()) for n, p in exported.named_parameters())

@@ -1,8 +1,8 @@
 """Train the ShapesBench reference model from scratch (GPU), resumably.
 
-    python -m dit_accel.pipelines.shapes.train --out artifacts/shapes --minutes 16
+    python -m dit_accel.pipelines.shapes.train --out artifacts/shapes --minutes 24
 
-trains for 16 minutes of GPU time in total and exports the EMA weights as a diffusers directory
+trains for 24 minutes of GPU time in total and exports the EMA weights as a diffusers directory
 to ``OUT/pipeline``. The run can be cut anywhere: ``--budget-s`` stops this process after that
 many seconds with a checkpoint, and running the same command again resumes where it stopped
 (the GPU machine here allows 10 minutes per command). Every ``--log-every`` steps a line goes to
@@ -13,8 +13,9 @@ logit-normal noise levels shifted toward noise like the inference scheduler, 10%
 for classifier-free guidance, AdamW with warm-up and a cosine decay over the time budget, EMA
 weights for export. About 65% of the scenes have two objects. Each step draws one of three sizes (17x64x64 video, 9x48x48 video, 64x64
 image) so the model generates at all of them; batch sizes keep the token count per step similar.
-``--compile`` compiles the transformer blocks with ``torch.compile`` (regional compilation, one
-graph per size; compile time counts as training time).
+On CUDA the transformer blocks are compiled with ``torch.compile`` (regional compilation, one graph
+per size; compile time counts as training time; 1.7x the eager throughput on the H100, median 523 vs 310
+samples/s); ``--no-compile`` turns that off, ``--compile`` turns it on for CPU.
 """
 
 from __future__ import annotations
@@ -222,14 +223,15 @@ def train(args) -> None:
         train_s += time.time() - t0
         if args.sample_every and train_s - last_sample > args.sample_every * 60:
             last_sample = train_s
-            sample(ema_pipeline(), out / "samples" / f"step{step:06d}.png", steps=args.sample_steps)
+            sample(ema_pipeline(), out / "samples" / f"step{step:06d}.png", n=args.sample_prompts,
+                   steps=args.sample_steps)
     save_checkpoint()
     if train_s < total_s:
         print(f"stopped after --budget-s at step {step} ({train_s / 60:.1f}/{args.minutes} min); "
               "run the same command again to resume", flush=True)
         return
     final = ema_pipeline()
-    sample(final, out / "samples" / f"final-step{step:06d}.png", steps=args.sample_steps)
+    sample(final, out / "samples" / f"final-step{step:06d}.png", n=args.sample_prompts, steps=args.sample_steps)
     export_pipeline(final, out / "pipeline")
     log = out / "log.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -244,22 +246,28 @@ def train(args) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="run directory (checkpoint, logs, samples, exported pipeline)")
-    ap.add_argument("--minutes", type=float, default=16.0, help="total training time (GPU minutes)")
+    ap.add_argument("--minutes", type=float, default=24.0, help="total training time (GPU minutes)")
     ap.add_argument("--budget-s", type=float, default=0.0, help="stop this process after this many seconds")
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--batch-scale", type=float, default=1.0, help="multiply every mode's batch size")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the transformer blocks (compile time counts as training time)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the transformer blocks (compile time counts as training time; "
+                         "default: on for CUDA, where it trains 1.7x faster on the H100, off on CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--sample-every", type=float, default=5.0, help="minutes between sample grids (0: only at the end)")
+    ap.add_argument("--sample-prompts", type=int, default=8, help="held-out prompts per sample grid")
     ap.add_argument("--sample-steps", type=int, default=DEFAULT_STEPS, help="denoising steps of the sample grids")
     args = ap.parse_args(argv)
     if args.minutes <= 0:
         ap.error("--minutes: must be > 0")
+    if args.sample_prompts < 1:
+        ap.error("--sample-prompts: must be >= 1")
+    if args.compile is None:
+        args.compile = torch.device(args.device).type == "cuda"
     train(args)
 
 
