@@ -19,13 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .flow import LUMA
+
 Extractor = Callable[[np.ndarray], np.ndarray]
 
 
 def classical_features(frames: np.ndarray) -> np.ndarray:
     """[F, 16*16 + 64] features of frames [F, H, W, 3] in [0, 1] (see the module docstring)."""
     x = torch.as_tensor(np.asarray(frames), dtype=torch.float64).permute(0, 3, 1, 2)  # [F, 3, H, W]
-    gray = (x * torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    gray = (x * torch.tensor(LUMA, dtype=torch.float64).view(1, 3, 1, 1)).sum(1, keepdim=True)
     thumb = F.adaptive_avg_pool2d(gray, 16).flatten(1)
     thumb = thumb - thumb.mean(1, keepdim=True)
     q = (x.clamp(0, 1) * 3.999).long()  # 4 levels per channel

@@ -17,27 +17,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .metrics import _gaussian_taps
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance weights of R, G, B
+
 
 def _gray(frame) -> torch.Tensor:
     """[H, W] float64 luminance in [0, 1] of an [H, W, 3] (or [H, W]) frame in [0, 1]."""
     f = torch.as_tensor(np.asarray(frame), dtype=torch.float64)
     if f.ndim == 3:
-        f = f @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+        f = f @ torch.tensor(LUMA, dtype=torch.float64)
     if f.ndim != 2:
         raise ValueError(f"frame: expected [H, W, 3] or [H, W], got shape {tuple(f.shape)}")
     return f
 
 
-def _gauss_kernel(sigma: float) -> torch.Tensor:
-    r = max(1, int(math.ceil(2.5 * sigma)))
-    x = torch.arange(-r, r + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of [N, 1, H, W] with replicate padding."""
-    k = _gauss_kernel(sigma)
+    k = torch.from_numpy(_gaussian_taps(sigma, truncate=2.5))
     r = len(k) // 2
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))

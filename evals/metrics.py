@@ -97,12 +97,6 @@ def ssim(video, reference) -> float:
     return float(s.mean())
 
 
-def _flows(frames: np.ndarray, step: int = 1) -> list[np.ndarray]:
-    from .flow import optical_flow
-
-    return [optical_flow(frames[i], frames[i + step]) for i in range(len(frames) - step)]
-
-
 def dynamic_degree(video, fps: float = 8.0) -> dict:
     """VBench's dynamic degree with classical flow instead of RAFT.
 
@@ -138,7 +132,7 @@ def motion_smoothness(video) -> float:
     flow between them); the score is ``(255 - mean abs error on the 0-255 scale) / 255`` over the
     re-made frames, so 1.0 is perfectly predictable motion. Fewer than 3 frames score 1.0.
     """
-    from .flow import warp_frame
+    from .flow import optical_flow, warp_frame
 
     v = to_frames(video).astype(np.float64)
     if len(v) < 3:
@@ -146,7 +140,7 @@ def motion_smoothness(video) -> float:
     errors = []
     for i in range(1, len(v) - 1, 2):
         prev, nxt = v[i - 1], v[i + 1]
-        flow = _flows(np.stack([prev, nxt]))[0]  # prev[y, x] ~ nxt[y + v, x + u]
+        flow = optical_flow(prev, nxt)  # prev[y, x] ~ nxt[y + v, x + u]
         # the midpoint frame at x shows prev at x - flow/2 and next at x + flow/2 (flow taken at x)
         mid = 0.5 * (warp_frame(prev, -flow / 2) + warp_frame(nxt, flow / 2))
         errors.append(np.abs(np.round(mid * 255) - np.round(v[i] * 255)).mean())

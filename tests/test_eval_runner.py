@@ -21,30 +21,6 @@ CONFIGS = {"size": SIZE, "steps": 2, "configs": [
 TIMING = ("latency_s", "step_s", "peak_memory_mb")
 
 
-class _Run:
-    """A CLI run in a subprocess; its output goes to a file (a pipe nobody reads could fill and block it)."""
-
-    def __init__(self, cmd, log, **popen):
-        self.log = log
-        with open(log, "w") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, **popen)
-        self.pid = self.proc.pid
-
-    def poll(self):
-        return self.proc.poll()
-
-    def wait(self, timeout=None):
-        return self.proc.wait(timeout=timeout)
-
-    def communicate(self, timeout):
-        self.proc.wait(timeout=timeout)
-        return self.log.read_text(), None
-
-    @property
-    def returncode(self):
-        return self.proc.returncode
-
-
 def _cli(tmp_path, configs, out, suite="shapes-heldout:8", launcher=None, **popen):
     path = tmp_path / "configs.json"
     path.write_text(json.dumps(configs))
@@ -52,7 +28,12 @@ def _cli(tmp_path, configs, out, suite="shapes-heldout:8", launcher=None, **pope
         "--suite", suite, "--configs", str(path), "--out", str(out), "--device", "cpu", "--no-progress"]
     # without the Triton interpreter the tests switch on: the CLI runs the kernels' PyTorch twins on CPU
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return _Run(cmd, tmp_path / f"{out.name}-{time.monotonic_ns()}.log", env=env, **popen)
+    # output to a file: a pipe nobody reads could fill and block the run
+    log = tmp_path / f"{out.name}-{time.monotonic_ns()}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env, **popen)
+    proc.log = log
+    return proc
 
 
 @pytest.mark.parametrize("change,field", [
@@ -84,7 +65,8 @@ def test_baseline_comes_first_and_named_baselines_work():
 def test_bad_config_fails_before_any_generation(tmp_path):
     out = tmp_path / "run"
     proc = _cli(tmp_path, {**CONFIGS, "baseline": "dense"}, out)
-    text, _ = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    text = proc.log.read_text()
     assert proc.returncode == 2 and "baseline: 'dense' is not one of the configs" in text
     assert not out.exists()
 
@@ -103,7 +85,8 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
     stamps = {r["video"]: os.stat(out / r["video"]).st_mtime_ns for r in before}
 
     proc = _cli(tmp_path, CONFIGS, out)
-    text, _ = proc.communicate(timeout=900)
+    proc.wait(timeout=900)
+    text = proc.log.read_text()
     assert proc.returncode == 0, text
     after = read_rows(out / "results.jsonl")
     assert len(after) == 24 and len({(r["config"], r["index"]) for r in after}) == 24
@@ -122,7 +105,8 @@ def test_rerun_with_other_configs_is_refused(tmp_path):
     one = {**CONFIGS, "configs": CONFIGS["configs"][:1]}
     assert _cli(tmp_path, one, out, suite="shapes-heldout:1").wait(timeout=600) == 0
     proc = _cli(tmp_path, CONFIGS, out, suite="shapes-heldout:1")
-    text, _ = proc.communicate(timeout=600)
+    proc.wait(timeout=600)
+    text = proc.log.read_text()
     assert proc.returncode != 0 and "other settings" in text
 
 
@@ -134,7 +118,8 @@ def test_two_processes_give_the_single_process_rows(tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dit_accel.evals"]
     proc = _cli(tmp_path, one, multi, suite="shapes-heldout:3", launcher=launcher)
-    text, _ = proc.communicate(timeout=900)
+    proc.wait(timeout=900)
+    text = proc.log.read_text()
     assert proc.returncode == 0, text
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
     assert strip(read_rows(multi / "results.jsonl")) == strip(read_rows(single / "results.jsonl"))
