@@ -193,6 +193,7 @@ def test_trainer_resumes_and_exports_the_ema_weights(tmp_path, capsys):
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     summary = json.loads((tmp_path / "training.json").read_text())
     assert summary["steps"] == state["step"] > first["step"]
+    assert {"device", "torch", "commit"} <= set(summary["environment"])
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, state["step"] + 1))  # one row per step, none repeated
 

@@ -235,7 +235,9 @@ def train(args) -> None:
     export_pipeline(final, out / "pipeline")
     log = out / "log.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    summary = {"steps": step, "samples": counter, "train_minutes": round(train_s / 60, 2), "args": vars(args),
+    from dit_accel.benchmarks.report import environment
+
+    summary = {"environment": environment(), "steps": step, "samples": counter, "train_minutes": round(train_s / 60, 2), "args": vars(args),
                "modes": MODES, "force_two_objects": FORCE_TWO_OBJECTS, "loss_curve": [[r["step"], r["train_min"], r["loss"]] for r in rows]}
     tmp = out / "training.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
