@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from dit_accel.benchmarks.report import cuda_time_ms, median, print_table, write_result
 from dit_accel.kernels.block_sparse import (
+    LAUNCH_DEFAULTS,
     TILE,
     add_dense_ranges,
     block_sparse_attention,
@@ -44,8 +45,17 @@ SHAPES = {
     "cogvideox-5b-480p-49f": ((13, 30, 45), 226, 48, 64),
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
-# (sub_n, num_warps, num_stages) launch configurations tried for the Triton kernel
-CONFIGS = list(itertools.product((64, 128), (4, 8), (3, 4)))
+# launch configurations tried for the Triton kernel (knobs of block_sparse_attention_triton); 4 warps
+# lost everywhere at head_dim 128 in the first sweeps (results of 2dee894), so only 8 are swept
+CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws)
+           for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
+
+
+def config_label(config: dict | None) -> str:
+    if not config:
+        return "defaults"
+    short = {"num_warps": "w", "num_stages": "s", "warp_specialize": "ws"}
+    return " ".join(f"{short.get(k, k)}={int(v) if isinstance(v, bool) else v}" for k, v in config.items())
 
 
 def cudnn_sdpa(q, k, v):
@@ -130,12 +140,11 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
                 flex_out = None
                 rows.append(dict(row_base, method="flex", note=f"{type(exc).__name__}: {exc}"[:300]))
         best = None
-        for sub_n, warps, stages in configs:
-            label = "ours defaults" if sub_n is None else f"ours sub_n={sub_n} w={warps} s={stages}"
+        for config in configs:
+            label = f"ours {config_label(config)}"
 
-            def ours(sub_n=sub_n, warps=warps, stages=stages):
-                return block_sparse_attention_triton(q, k, v, blocks, counts, sub_n=sub_n, num_warps=warps,
-                                                     num_stages=stages)
+            def ours(config=config):
+                return block_sparse_attention_triton(q, k, v, blocks, counts, **(config or {}))
             try:
                 out = ours()
                 check = ref if ref is not None else flex_out
@@ -193,17 +202,20 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
         method._update(state, gap, lse, b, c, order, False, full)
         return state["mask"]
 
-    def kernel(indexed: bool, extras: bool = False):
+    def kernel(indexed: bool, extras: bool = False, **knobs):
         args = (q, k, v) if indexed else (qt, kt, vt)
         index = order.index if indexed else None
         return lambda: block_sparse_attention(*args, blocks, counts, tile_len=order.tile_len, seq_index=index,
-                                              return_lse=extras, return_gap=extras)
+                                              return_lse=extras, return_gap=extras, **knobs)
 
     copy_ms = median(cuda_time_ms(copies, iters=iters))
     book_ms = median(cuda_time_ms(bookkeeping, iters=iters))
     tiled_ms = median(cuda_time_ms(kernel(False), iters=iters))
     indexed_ms = median(cuda_time_ms(kernel(True), iters=iters))
     extras_ms = median(cuda_time_ms(kernel(True, True), iters=iters))
+    # the other way of folding the gap than the default, for the record
+    other = not LAUNCH_DEFAULTS["gap_atomic"]
+    other_ms = median(cuda_time_ms(kernel(True, True, gap_atomic=other), iters=iters))
     base = dict(shape=name, seq=seq, tile=list(order.tile), tiles=n, density=round(mask.float().mean().item(), 4),
                 dense_ms=round(dense_ms, 3), kernel_tiled_ms=round(tiled_ms, 3), kernel_indexed_ms=round(indexed_ms, 3))
     return [
@@ -213,8 +225,10 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
              of_dense=round(copy_ms / dense_ms, 4)),
         dict(base, part="TemporalSparse bookkeeping: compact mask + next mask + refresh check", ms=round(book_ms, 3),
              of_dense=round(book_ms / dense_ms, 4)),
-        dict(base, part="kernel extra for gap + LSE outputs", ms=round(extras_ms - indexed_ms, 3),
-             of_dense=round((extras_ms - indexed_ms) / dense_ms, 4)),
+        dict(base, part=f"kernel extra for gap + LSE outputs (gap_atomic={LAUNCH_DEFAULTS['gap_atomic']}, the "
+             "default)", ms=round(extras_ms - indexed_ms, 3), of_dense=round((extras_ms - indexed_ms) / dense_ms, 4)),
+        dict(base, part=f"kernel extra for gap + LSE outputs (gap_atomic={other})", ms=round(other_ms - indexed_ms, 3),
+             of_dense=round((other_ms - indexed_ms) / dense_ms, 4)),
     ]
 
 
@@ -235,6 +249,11 @@ def step_methods() -> dict:
         "Neighborhood(window=(0.25, 0.5, 0.5)) ~10%": Neighborhood(window=(0.25, 0.5, 0.5)),
         "TemporalSparse(density 0.25)": TemporalSparse(min_density=0.25, max_density=0.25, **fixed),
         "TemporalSparse(density 0.10)": TemporalSparse(min_density=0.10, max_density=0.10, **fixed),
+        # whole-clip 3D tiles: 260 tiles of 126 tokens (no padding) instead of 270 of at most 126
+        "Neighborhood(window=(1.0, 0.5, 0.5), tile=(21, 3, 2)) ~25%": Neighborhood(window=(1.0, 0.5, 0.5),
+                                                                                  tile=(21, 3, 2)),
+        "TemporalSparse(density 0.25, tile=(21, 3, 2))": TemporalSparse(min_density=0.25, max_density=0.25,
+                                                                        tile=(21, 3, 2), **fixed),
     }
 
 
@@ -315,7 +334,7 @@ def main(argv=None) -> None:
     rows, overhead, step = [], [], []
     for s in shapes if "kernel" in parts else []:
         grid, text, heads, dim = SHAPES[s]
-        configs = CONFIGS if s in swept and not args.quick else [(None, None, None)]
+        configs = CONFIGS if s in swept and not args.quick else [None]
         rows += bench_shape(s, grid, text, heads, dim, densities, args.iters, configs)
         best = [r for r in rows if r["shape"] == s
                 and (r["method"] == "ours (best config)" or r["method"].startswith(("flex", "cudnn")))]

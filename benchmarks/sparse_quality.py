@@ -36,21 +36,29 @@ def configs(which: str) -> dict[str, dit_accel.AttentionMethod]:
     out = {"Neighborhood()": dit_accel.Neighborhood(), "TemporalSparse()": dit_accel.TemporalSparse()}
     if which == "defaults":
         return out
-    # densities on the default 17x16x16 grid (2x8x8 tiles): window (0.5, 0.5, 0.5) 14%,
-    # (0.75, 0.5, 0.5) 20%, (0.5, 0.5, 1.0) 29%, (0.3, 1.0, 1.0) 34%, (0.75, 0.5, 1.0) 40%
+    # densities on the default 17x16x16 grid (2x8x8 tiles, 36 of them): window (0.5, 0.5, 0.5) 14%,
+    # (0.75, 0.5, 0.5) 20%, (1.0, 0.5, 0.5) 25%, (0.5, 0.5, 1.0) 29%, (0.75, 0.5, 1.0) 40%; dense steps
+    # and layers count as density 1. Layers 0, 5 and 7 of the shipped model are its least concentrated
+    # (benchmarks/results/reference-*.json, "attention").
+    N, T = dit_accel.Neighborhood, dit_accel.TemporalSparse
+    fixed = dict(warmup_steps=2, refresh_every=0, refresh_tol=None)
     sweep = {
-        "Neighborhood(dense_steps=2)": dit_accel.Neighborhood(dense_steps=2),
-        "Neighborhood(window=(0.75, 0.5, 0.5))": dit_accel.Neighborhood(window=(0.75, 0.5, 0.5)),
-        "Neighborhood(window=(0.5, 0.5, 1.0))": dit_accel.Neighborhood(window=(0.5, 0.5, 1.0)),
-        "Neighborhood(window=(0.5, 0.5, 1.0), dense_steps=1)": dit_accel.Neighborhood(window=(0.5, 0.5, 1.0),
-                                                                                     dense_steps=1),
-        "TemporalSparse(threshold=-6)": dit_accel.TemporalSparse(threshold=-6.0),
-        "TemporalSparse(threshold=-8)": dit_accel.TemporalSparse(threshold=-8.0),
-        "TemporalSparse(max_density=0.4)": dit_accel.TemporalSparse(max_density=0.4),
-        "TemporalSparse(threshold=-8, max_density=0.35, warmup_steps=1, refresh_every=0)":
-            dit_accel.TemporalSparse(threshold=-8.0, max_density=0.35, warmup_steps=1, refresh_every=0),
-        "TemporalSparse(threshold=-4, max_density=0.25, warmup_steps=1, refresh_every=0)":
-            dit_accel.TemporalSparse(threshold=-4.0, max_density=0.25, warmup_steps=1, refresh_every=0),
+        "Neighborhood(dense_steps=2)": N(dense_steps=2),
+        "Neighborhood(window=(1.0, 0.5, 0.5))": N(window=(1.0, 0.5, 0.5)),
+        "Neighborhood(window=(0.5, 0.5, 1.0))": N(window=(0.5, 0.5, 1.0)),
+        "Neighborhood(window=(0.5, 0.5, 1.0), dense_steps=3)": N(window=(0.5, 0.5, 1.0), dense_steps=3),
+        "Neighborhood(window=(0.75, 0.5, 1.0))": N(window=(0.75, 0.5, 1.0)),
+        "Neighborhood(window=(1.0, 0.5, 0.5), dense_layers=(0,))": N(window=(1.0, 0.5, 0.5), dense_layers=(0,)),
+        "TemporalSparse(threshold=-6)": T(threshold=-6.0),
+        "TemporalSparse(threshold=-4)": T(threshold=-4.0),
+        "TemporalSparse(threshold=-2)": T(threshold=-2.0),
+        "TemporalSparse(max_density=0.4)": T(max_density=0.4),
+        "TemporalSparse(threshold=-4, max_density=0.4, refresh off)": T(threshold=-4.0, max_density=0.4, **fixed),
+        "TemporalSparse(threshold=-6, max_density=0.3, refresh off)": T(threshold=-6.0, max_density=0.3, **fixed),
+        "TemporalSparse(threshold=-3, max_density=0.4, warmup_steps=4, refresh off)":
+            T(threshold=-3.0, max_density=0.4, warmup_steps=4, refresh_every=0, refresh_tol=None),
+        "TemporalSparse(threshold=-4, max_density=0.35, refresh_every=4, refresh off by error)":
+            T(threshold=-4.0, max_density=0.35, warmup_steps=2, refresh_every=4, refresh_tol=None),
     }
     if which == "sweep":
         return {**out, **sweep}

@@ -214,13 +214,14 @@ if triton is not None:
 
     @triton.jit
     def _block_sparse_fwd(
-        Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, Index, sm_scale,
+        Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, Index, DescQ, DescK, DescV, sm_scale,
         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
         sbb, sbh, sbm, scb, sch, sgm,
         H, N_Q, S_Q, S_K, HEAD_D,
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
-        EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr,
+        EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, GAP_ATOMIC: tl.constexpr,
+        WARP_SPEC: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -234,8 +235,18 @@ if triton is not None:
         q_pos = offs_m
         if HAS_INDEX:  # tiled slot -> model position: no gather / scatter copies
             q_pos = tl.load(Index + offs_m, mask=row_ok, other=0)
-        q = tl.load(Q + b * sqb + h * sqh + q_pos[:, None] * sqs + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if USE_TMA:  # tensor-memory-accelerator loads: rows of one (batch, head) at a constant stride
+            q_base = b * sqb + h * sqh
+            q = DescQ.load([q_base // sqs + pid_m * BLOCK_M, q_base % sqs])
+            k_base = b * skb + h * skh
+            k_row0 = k_base // sks
+            k_col = k_base % sks
+            v_base = b * svb + h * svh
+            v_row0 = v_base // svs
+            v_col = v_base % svs
+        else:
+            q = tl.load(Q + b * sqb + h * sqh + q_pos[:, None] * sqs + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_F32:
             q = q.to(tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -250,7 +261,7 @@ if triton is not None:
         if RETURN_GAP:
             gap_row = Gap + (pid_bh * N_Q + pid_m) * sgm
             tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        for i in range(count * R):
+        for i in tl.range(0, count * R, warp_specialize=WARP_SPEC):
             # layout tiles of BLOCK_N keys are visited as R sub-tiles of SUB_N
             kb = tl.load(block_row + i // R)
             start_n = kb * BLOCK_N + (i % R) * SUB_N
@@ -268,7 +279,10 @@ if triton is not None:
             k_pos = offs_n
             if HAS_INDEX:
                 k_pos = tl.load(Index + offs_n, mask=offs_n < S_K, other=0)
-            kt = tl.load(K + b * skb + h * skh + k_pos[None, :] * sks + offs_d[:, None], mask=k_mask, other=0.0)
+            if USE_TMA:  # rows past the sequence hold other finite data or zeros; col_ok masks them
+                kt = tl.trans(DescK.load([k_row0 + start_n, k_col]))
+            else:
+                kt = tl.load(K + b * skb + h * skh + k_pos[None, :] * sks + offs_d[:, None], mask=k_mask, other=0.0)
             if DOT_F32:
                 kt = kt.to(tl.float32)
             qk = tl.dot(q, kt)
@@ -280,7 +294,10 @@ if triton is not None:
             p = tl.math.exp2(qk * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            vv = tl.load(V + b * svb + h * svh + k_pos[:, None] * svs + offs_d[None, :], mask=v_mask, other=0.0)
+            if USE_TMA:  # p is 0 on masked rows
+                vv = DescV.load([v_row0 + start_n, v_col])
+            else:
+                vv = tl.load(V + b * svb + h * svh + k_pos[:, None] * svs + offs_d[None, :], mask=v_mask, other=0.0)
             if DOT_F32:
                 vv = vv.to(tl.float32)
             acc = acc * alpha[:, None]
@@ -290,7 +307,11 @@ if triton is not None:
                 tile_rm = tl.maximum(tile_rm, qk_max)
                 if i % R == R - 1:  # layout tile finished: its gap against the running max
                     g = tl.where(row_live & (tile_rm > float("-inf")), tile_rm - m_new, float("-inf"))
-                    tl.store(gap_row + i // R, tl.max(g, 0))
+                    if GAP_ATOMIC:  # every row adds its value; no cross-warp reduction (Gap starts at -inf)
+                        tl.atomic_max(gap_row + i // R + tl.zeros([BLOCK_M], dtype=tl.int32), g,
+                                      mask=g > float("-inf"), sem="relaxed")
+                    else:
+                        tl.store(gap_row + i // R, tl.max(g, 0))
                     tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -308,13 +329,19 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   scale: float | None = None, return_lse: bool = False,
                                   tile_len: torch.Tensor | None = None, return_gap: bool = False,
                                   sub_n: int | None = None, num_warps: int | None = None,
-                                  num_stages: int | None = None, seq_index: torch.Tensor | None = None):
+                                  num_stages: int | None = None, seq_index: torch.Tensor | None = None,
+                                  tma: bool | None = None, gap_atomic: bool | None = None,
+                                  warp_specialize: bool | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-    ``sub_n`` (a power of two dividing ``block_n``: keys per inner step, default ``block_n``),
-    ``num_warps`` (default 8 for head_dim > 64, else 4) and ``num_stages`` (default 3) are launch
-    knobs; results do not depend on them. The defaults are the fastest of the sweep in
-    ``benchmarks/sparse.py`` on an H100 at the Wan 480p shape (d=128).
+    Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, the
+    fastest of the sweep in ``benchmarks/sparse.py`` on an H100 at the Wan 480p shape, d=128):
+    ``sub_n`` (a power of two dividing ``block_n``: keys per inner step), ``num_warps``,
+    ``num_stages``; ``tma`` loads q, k, v through tensor descriptors (Hopper's TMA) where the
+    inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
+    16-byte-aligned stride), pointer loads otherwise; ``gap_atomic`` folds the gap's per-row
+    values into its output with atomic max instead of a reduction across the query tile;
+    ``warp_specialize`` asks Triton to warp-specialize the key loop.
     """
     if triton is None:
         raise RuntimeError("block_sparse_attention_triton: triton is not installed; use the reference twin")
@@ -325,7 +352,9 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     if D > 256:
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
-    sub_n = block_n if sub_n is None else sub_n
+    knobs = _launch_knobs(D, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
+                          gap_atomic=gap_atomic, warp_specialize=warp_specialize)
+    sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
     n_q = math.ceil(S_q / block_m)
@@ -339,21 +368,66 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     index = seq_index.to(device=q.device, dtype=torch.int32).contiguous() if seq_index is not None else counts
     sb = [*lead_strides(blocks), blocks.stride(2)]
     sc = lead_strides(counts)
-    launch = {"num_warps": num_warps or (8 if D > 64 else 4), "num_stages": num_stages or 3}
+    even_d = D == max(16, triton.next_power_of_2(D))
+    descs = None
+    if knobs["tma"] and seq_index is None and even_d:
+        descs = _descriptors((q, k, v), (block_m, sub_n, sub_n))
     grid = (n_q, B * H)
     _block_sparse_fwd[grid](
-        q, k, v, out, lse, gap, blocks, counts, lens, index, scale,
+        q, k, v, out, lse, gap, blocks, counts, lens, index, *(descs or (q, k, v)), scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *sb, *sc, blocks.shape[-1], H, n_q, S_q, S_k, D,
         D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=sub_n,
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
-        EVEN_D=D == max(16, triton.next_power_of_2(D)), HAS_INDEX=seq_index is not None,
+        EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
+        GAP_ATOMIC=bool(knobs["gap_atomic"]), WARP_SPEC=bool(knobs["warp_specialize"]),
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
-        DOT_F32=not q.is_cuda, **launch,
+        DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
     )
     return _outputs(out, lse if return_lse else None, gap if return_gap else None)
+
+
+# Launch knobs of block_sparse_attention_triton when not given (sub_n at most the key tile; 4 warps
+# for head_dim <= 64).
+LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 3, "tma": False, "gap_atomic": False,
+                   "warp_specialize": False}
+
+
+def _launch_knobs(head_dim: int, **given) -> dict:
+    knobs = dict(LAUNCH_DEFAULTS)
+    if head_dim <= 64:
+        knobs["num_warps"] = 4
+    knobs.update({k: v for k, v in given.items() if v is not None})
+    return knobs
+
+
+def _descriptors(tensors, rows) -> tuple | None:
+    """Tensor descriptors over ``[B, H, S, D]`` tensors seen as 2-D ``[rows, row stride]``, boxes of
+    ``rows[i] x D``; None when a tensor does not fit (the pointer path then serves).
+
+    Row ``(b * sb + h * sh) // ss + s``, column ``(b * sb + h * sh) % ss`` address element
+    ``(b, h, s, 0)``: this covers both [B, H, S, D] and [B, S, H, D] memory orders.
+    """
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - triton < 3.4
+        return None
+    out = []
+    for x, box in zip(tensors, rows):
+        B, H, S, D = x.shape
+        sb, sh, ss, sd = x.stride()
+        if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+            return None  # TMA is Hopper and later
+        if D < 16 or D & (D - 1) or sd != 1 or ss < D or x.data_ptr() % 16 or (ss * x.element_size()) % 16:
+            return None
+        bases = [b * sb + h * sh for b in range(B) for h in range(H)]
+        if any(base % ss + D > ss for base in bases):
+            return None
+        n_rows = max(bases) // ss + S
+        out.append(TensorDescriptor(x, shape=[n_rows, ss], strides=[ss, 1], block_shape=[box, D]))
+    return tuple(out)
 
 
 def lead_strides(t: torch.Tensor) -> list[int]:

@@ -34,18 +34,29 @@ def _inputs(B, H, S, D, dtype, seed):
 
 
 @pytest.mark.parametrize(
-    ("B", "H", "S", "D", "dtype", "tile", "sub_n"),
+    ("B", "H", "S", "D", "dtype", "tile", "sub_n", "knobs"),
     [
-        (2, 2, 300, 64, torch.bfloat16, 128, None),  # ragged last tile, batch 2
-        (1, 3, 256, 128, torch.float16, 128, 64),    # exact tiles, d=128, two 64-key sub-tiles per tile
-        (2, 1, 200, 96, torch.bfloat16, 64, None),   # d=96 (padded inside the kernel), 64-token tiles
-        (1, 2, 77, 64, torch.float16, 32, None),     # shorter than one default tile
-        (1, 2, 300, 64, torch.bfloat16, 128, 32),    # four sub-tiles per layout tile, ragged
+        (2, 2, 300, 64, torch.bfloat16, 128, None, {}),  # ragged last tile, batch 2
+        (1, 3, 256, 128, torch.float16, 128, 64, {}),    # exact tiles, d=128, two 64-key sub-tiles per tile
+        (2, 1, 200, 96, torch.bfloat16, 64, None, {}),   # d=96 (padded inside the kernel), 64-token tiles
+        (1, 2, 77, 64, torch.float16, 32, None, {}),     # shorter than one default tile
+        (1, 2, 300, 64, torch.bfloat16, 128, 32, {}),    # four sub-tiles per layout tile, ragged
+        # tensor-descriptor loads: ragged, batch 2, both memory orders ([B, H, S, D] and [B, S, H, D] viewed)
+        (2, 2, 300, 64, torch.bfloat16, 128, 64, {"tma": True}),
+        (2, 3, 200, 128, torch.float16, 64, None, {"tma": True, "bshd": True}),
+        (1, 2, 77, 64, torch.bfloat16, 32, None, {"tma": True, "warp_specialize": True}),
     ],
 )
-def test_kernel_equals_reference_and_float64(B, H, S, D, dtype, tile, sub_n):
+def test_kernel_equals_reference_and_float64(B, H, S, D, dtype, tile, sub_n, knobs):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh inputs every run, reported on failure
-    q, k, v = _inputs(B, H, S, D, dtype, seed)
+    knobs = dict(knobs)
+    if knobs.pop("bshd", False):  # the heads interleaved in memory, as diffusers' processors leave them
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _inputs(B, H, S, D, dtype, seed))
+        assert not q.is_contiguous()
+    else:
+        q, k, v = _inputs(B, H, S, D, dtype, seed)
+    if knobs.get("tma"):  # the descriptor path is taken for these inputs
+        assert bs._descriptors((q, k, v), (tile, tile, tile)) is not None
     n = math.ceil(S / tile)
     g = torch.Generator().manual_seed(seed + 1)
     tile_mask = torch.rand(B, H, n, n, generator=g) < 0.45
@@ -53,7 +64,7 @@ def test_kernel_equals_reference_and_float64(B, H, S, D, dtype, tile, sub_n):
     tile_mask[0, 0, 0] = False  # a query tile with nothing to visit (overrides the text range): output 0, LSE -inf
     blocks, counts = bs.tiles_to_blocks(tile_mask)
     out, lse = bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=tile, block_n=tile, return_lse=True,
-                                                sub_n=sub_n)
+                                                sub_n=sub_n, **knobs)
     ref, ref_lse = bs.block_sparse_attention_reference(q, k, v, blocks, counts, block_m=tile, block_n=tile,
                                                        return_lse=True)
     exact, exact_lse = _float64_attention(q, k, v, tile_mask, tile)
@@ -140,8 +151,10 @@ def _float64_gap(q, k, tile_mask, tile, row_ok, key_ok):
     return out
 
 
-@pytest.mark.parametrize(("S", "D", "dtype"), [(150, 64, torch.bfloat16), (160, 128, torch.float16)])
-def test_padded_tiles_and_gap_output(S, D, dtype):
+@pytest.mark.parametrize(("S", "D", "dtype", "gap_atomic"),
+                         [(150, 64, torch.bfloat16, False), (160, 128, torch.float16, False),
+                          (150, 64, torch.bfloat16, True)])
+def test_padded_tiles_and_gap_output(S, D, dtype, gap_atomic):
     """tile_len hides padded key slots; the gap output matches a loop-by-loop float64 oracle."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     tile = 32
@@ -156,7 +169,7 @@ def test_padded_tiles_and_gap_output(S, D, dtype):
     pos = torch.arange(S)
     valid = (pos % tile) < tile_len[pos // tile]
     kw = dict(block_m=tile, block_n=tile, tile_len=tile_len, return_gap=True)
-    out, gap = bs.block_sparse_attention_triton(q, k, v, blocks, counts, sub_n=16, **kw)
+    out, gap = bs.block_sparse_attention_triton(q, k, v, blocks, counts, sub_n=16, gap_atomic=gap_atomic, **kw)
     ref, ref_gap = bs.block_sparse_attention_reference(q, k, v, blocks, counts, **kw)
     # padded key slots carry no weight: the float64 oracle masks them on top of the tile mask
     s64 = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)
@@ -233,6 +246,15 @@ def test_seq_index_reads_and_writes_model_order(S_model, D, dtype, B):
     finite = ref_gap.isfinite()
     assert torch.equal(gap.isfinite(), finite) and (gap - ref_gap)[finite].abs().max() <= 0.05
     assert (lse[..., valid] - ref_lse[..., valid]).abs().max() <= 1e-2
+
+
+def test_descriptor_path_only_where_the_inputs_fit():
+    q, k, v = _inputs(1, 2, 100, 64, torch.bfloat16, 0)
+    assert bs._descriptors((q, k, v), (64, 64, 64)) is not None
+    q96 = _inputs(1, 2, 100, 96, torch.bfloat16, 0)[0]
+    assert bs._descriptors((q96,), (64,)) is None  # head_dim beyond the box would read the next head
+    odd = torch.randn(1, 2, 100, 67, dtype=torch.bfloat16)[..., :64]  # rows at a 134-byte stride
+    assert bs._descriptors((odd,), (64,)) is None
 
 
 def test_seq_index_without_tile_len_must_be_a_permutation():
