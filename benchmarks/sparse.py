@@ -202,22 +202,20 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
         method._update(state, gap, lse, b, c, order, False, full)
         return state["mask"]
 
-    def kernel(indexed: bool, extras: bool = False, **knobs):
+    def kernel(indexed: bool, extras: bool = False):
         args = (q, k, v) if indexed else (qt, kt, vt)
         index = order.index if indexed else None
         return lambda: block_sparse_attention(*args, blocks, counts, tile_len=order.tile_len, seq_index=index,
-                                              return_lse=extras, return_gap=extras, **knobs)
+                                              return_lse=extras, return_gap=extras)
 
     copy_ms = median(cuda_time_ms(copies, iters=iters))
     book_ms = median(cuda_time_ms(bookkeeping, iters=iters))
     tiled_ms = median(cuda_time_ms(kernel(False), iters=iters))
     indexed_ms = median(cuda_time_ms(kernel(True), iters=iters))
     extras_ms = median(cuda_time_ms(kernel(True, True), iters=iters))
-    # the other way of folding the gap than the default, for the record
-    other = not LAUNCH_DEFAULTS["gap_atomic"]
-    other_ms = median(cuda_time_ms(kernel(True, True, gap_atomic=other), iters=iters))
     base = dict(shape=name, seq=seq, tile=list(order.tile), tiles=n, density=round(mask.float().mean().item(), 4),
-                dense_ms=round(dense_ms, 3), kernel_tiled_ms=round(tiled_ms, 3), kernel_indexed_ms=round(indexed_ms, 3))
+                dense_ms=round(dense_ms, 3), kernel_tiled_ms=round(tiled_ms, 3), kernel_indexed_ms=round(indexed_ms, 3),
+                launch=dict(LAUNCH_DEFAULTS))
     return [
         dict(base, part="tile layout in the kernel (seq_index) vs tiled inputs", ms=round(indexed_ms - tiled_ms, 3),
              of_dense=round((indexed_ms - tiled_ms) / dense_ms, 4)),
@@ -225,10 +223,8 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
              of_dense=round(copy_ms / dense_ms, 4)),
         dict(base, part="TemporalSparse bookkeeping: compact mask + next mask + refresh check", ms=round(book_ms, 3),
              of_dense=round(book_ms / dense_ms, 4)),
-        dict(base, part=f"kernel extra for gap + LSE outputs (gap_atomic={LAUNCH_DEFAULTS['gap_atomic']}, the "
-             "default)", ms=round(extras_ms - indexed_ms, 3), of_dense=round((extras_ms - indexed_ms) / dense_ms, 4)),
-        dict(base, part=f"kernel extra for gap + LSE outputs (gap_atomic={other})", ms=round(other_ms - indexed_ms, 3),
-             of_dense=round((other_ms - indexed_ms) / dense_ms, 4)),
+        dict(base, part="kernel extra for gap + LSE outputs", ms=round(extras_ms - indexed_ms, 3),
+             of_dense=round((extras_ms - indexed_ms) / dense_ms, 4)),
     ]
 
 

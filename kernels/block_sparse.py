@@ -220,8 +220,7 @@ if triton is not None:
         H, N_Q, S_Q, S_K, HEAD_D,
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
-        EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, GAP_ATOMIC: tl.constexpr,
-        WARP_SPEC: tl.constexpr,
+        EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -307,11 +306,7 @@ if triton is not None:
                 tile_rm = tl.maximum(tile_rm, qk_max)
                 if i % R == R - 1:  # layout tile finished: its gap against the running max
                     g = tl.where(row_live & (tile_rm > float("-inf")), tile_rm - m_new, float("-inf"))
-                    if GAP_ATOMIC:  # every row adds its value; no cross-warp reduction (Gap starts at -inf)
-                        tl.atomic_max(gap_row + i // R + tl.zeros([BLOCK_M], dtype=tl.int32), g,
-                                      mask=g > float("-inf"), sem="relaxed")
-                    else:
-                        tl.store(gap_row + i // R, tl.max(g, 0))
+                    tl.store(gap_row + i // R, tl.max(g, 0))
                     tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -330,8 +325,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   tile_len: torch.Tensor | None = None, return_gap: bool = False,
                                   sub_n: int | None = None, num_warps: int | None = None,
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
-                                  tma: bool | None = None, gap_atomic: bool | None = None,
-                                  warp_specialize: bool | None = None):
+                                  tma: bool | None = None, warp_specialize: bool | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, the
@@ -339,9 +333,9 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     ``sub_n`` (a power of two dividing ``block_n``: keys per inner step), ``num_warps``,
     ``num_stages``; ``tma`` loads q, k, v through tensor descriptors (Hopper's TMA) where the
     inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
-    16-byte-aligned stride), pointer loads otherwise; ``gap_atomic`` folds the gap's per-row
-    values into its output with atomic max instead of a reduction across the query tile;
-    ``warp_specialize`` asks Triton to warp-specialize the key loop.
+    16-byte-aligned stride), pointer loads otherwise; ``warp_specialize`` asks Triton to
+    warp-specialize the key loop. On the H100 sweep (``benchmarks/results/sparse-*.json``) neither
+    of the last two helped the layouts the methods use, so both are off by default.
     """
     if triton is None:
         raise RuntimeError("block_sparse_attention_triton: triton is not installed; use the reference twin")
@@ -353,7 +347,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
     knobs = _launch_knobs(D, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
-                          gap_atomic=gap_atomic, warp_specialize=warp_specialize)
+                          warp_specialize=warp_specialize)
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
@@ -381,7 +375,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=sub_n,
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
-        GAP_ATOMIC=bool(knobs["gap_atomic"]), WARP_SPEC=bool(knobs["warp_specialize"]),
+        WARP_SPEC=bool(knobs["warp_specialize"]),
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
@@ -391,8 +385,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
 
 # Launch knobs of block_sparse_attention_triton when not given (sub_n at most the key tile; 4 warps
 # for head_dim <= 64).
-LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 3, "tma": False, "gap_atomic": False,
-                   "warp_specialize": False}
+LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 3, "tma": False, "warp_specialize": False}
 
 
 def _launch_knobs(head_dim: int, **given) -> dict:
