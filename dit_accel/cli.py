@@ -6,6 +6,7 @@ import argparse
 import importlib.metadata
 import platform
 import sys
+from pathlib import Path
 
 
 def _version(dist: str) -> str:
@@ -57,11 +58,60 @@ def main(argv: list[str] | None = None) -> int:
                                     "seeds; rerunning into the same --out resumes. Under `accelerate launch -m "
                                     "dit_accel.evals` the prompts are sharded across processes.")
     add_eval_arguments(ev)
+    rp = sub.add_parser("report", help="markdown + CSV table and a speed-quality Pareto plot of an eval run",
+                        description="Write report.md, report.csv and pareto.png into an eval run folder (the real "
+                                    "VBench's scores are included once `dit-accel vbench` has merged them).")
+    rp.add_argument("run", help="the run folder (dit-accel eval --out)")
+    rp.add_argument("--no-plot", action="store_true", help="skip pareto.png (no matplotlib needed)")
+    vb = sub.add_parser("vbench", help="score an eval run's videos with the real VBench (separate environment)",
+                        description="Export the run's videos and score them with the vbench package (installed "
+                                    "with its weights, in its own environment); writes vbench.jsonl for the report.")
+    vb.add_argument("run", help="the run folder (dit-accel eval --out)")
+    vb.add_argument("--dimensions", default="subject_consistency,background_consistency,motion_smoothness,"
+                    "dynamic_degree,temporal_flickering", help="comma-separated VBench custom-input dimensions")
+    vb.add_argument("--format", default="mp4", choices=("mp4", "gif"), help="video files handed to VBench")
+    vb.add_argument("--device", default=None)
+    vb.add_argument("--full-info", default=None, help="VBench_full_info.json (default: the one in the vbench package)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
     elif args.command == "eval":
         return run_eval_command(args)
+    elif args.command == "report":
+        return _report_command(args)
+    elif args.command == "vbench":
+        return _vbench_command(args)
+    return 0
+
+
+def _report_command(args) -> int:
+    from dit_accel.evals.report import write_report
+
+    try:
+        paths = write_report(args.run, plot=not args.no_plot)
+    except FileNotFoundError as exc:
+        print(f"dit-accel report: {exc}", file=sys.stderr)
+        return 2
+    print(Path(paths["markdown"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _vbench_command(args) -> int:
+    import logging
+
+    from dit_accel.evals.report import write_report
+    from dit_accel.evals.vbench import run_vbench
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dims = [d.strip() for d in args.dimensions.split(",") if d.strip()]
+    try:
+        path = run_vbench(args.run, dims, device=args.device, video_format=args.format, full_info=args.full_info)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"dit-accel vbench: {exc}", file=sys.stderr)
+        return 2
+    write_report(args.run)
+    print(f"wrote {path}; report updated")
     return 0
 
 
@@ -73,6 +123,10 @@ def add_eval_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", required=True, help="run folder (created; rerun the same command to resume)")
     ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when available)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--subject-features", default="classical",
+                    help="features of subject consistency: classical, dino:PATH or clip:PATH (local checkpoints)")
+    ap.add_argument("--background-features", default="classical",
+                    help="features of background consistency: classical, dino:PATH or clip:PATH")
 
 
 def run_eval_command(args) -> int:
@@ -80,6 +134,7 @@ def run_eval_command(args) -> int:
     import logging
 
     from dit_accel.evals.config import ConfigError, load_configs, parse_spec
+    from dit_accel.evals.features import check_spec
     from dit_accel.evals.runner import run_eval
     from dit_accel.evals.suites import load_suite
 
@@ -87,11 +142,18 @@ def run_eval_command(args) -> int:
     try:
         spec = parse_spec(load_configs(args.configs))
         load_suite(args.suite, spec.seeds)
+        for flag, value in (("--subject-features", args.subject_features),
+                            ("--background-features", args.background_features)):
+            try:
+                check_spec(value)
+            except ValueError as exc:
+                raise ValueError(f"{flag}: {exc}") from None
     except (ConfigError, ValueError) as exc:
         print(f"dit-accel eval: {exc}", file=sys.stderr)
         return 2
     try:
-        path = run_eval(args.pipeline, args.suite, spec, args.out, device=args.device, progress=not args.no_progress)
+        path = run_eval(args.pipeline, args.suite, spec, args.out, device=args.device, progress=not args.no_progress,
+                        subject_features=args.subject_features, background_features=args.background_features)
     except ConfigError as exc:  # the run folder holds another run: refused before generating
         print(f"dit-accel eval: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ ViT-B/32 image features. Neither can be downloaded here, so :func:`feature_extra
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,17 +64,28 @@ def _transformers_extractor(kind: str, path: str) -> Extractor:
     return extract
 
 
+def check_spec(spec: str) -> None:
+    """Raise ``ValueError`` naming what is wrong with an extractor spec, without loading anything."""
+    if spec in (None, "classical"):
+        return
+    kind, _, path = str(spec).partition(":")
+    if kind not in ("dino", "clip") or not path:
+        raise ValueError(f"feature extractor {spec!r}: expected 'classical', 'dino:PATH' or 'clip:PATH' "
+                         "(PATH a local transformers checkpoint directory)")
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"feature extractor {spec!r}: {path} is not a local transformers checkpoint directory "
+                         "(no config.json); nothing is downloaded here")
+
+
 def feature_extractor(spec: str | Extractor | None = "classical") -> Extractor:
     """An extractor from a spec (``"classical"``, ``"dino:PATH"``, ``"clip:PATH"``) or a callable."""
     if spec is None or spec == "classical":
         return classical_features
     if callable(spec):
         return spec
+    check_spec(spec)
     kind, _, path = str(spec).partition(":")
-    if kind not in ("dino", "clip") or not path:
-        raise ValueError(f"feature extractor {spec!r}: expected 'classical', 'dino:PATH' or 'clip:PATH' "
-                         "(PATH a local transformers checkpoint directory)")
     return _transformers_extractor(kind, path)
 
 
-__all__ = ["Extractor", "classical_features", "feature_extractor"]
+__all__ = ["Extractor", "check_spec", "classical_features", "feature_extractor"]

@@ -32,6 +32,7 @@ import torch
 
 from . import metrics
 from .config import ConfigError, RunSpec
+from .lpips import load_lpips
 from .suites import is_shapes_suite, load_suite
 
 logger = logging.getLogger("dit_accel.evals")
@@ -146,18 +147,20 @@ def _generate(pipe, prompt: str, seed: int, spec: RunSpec, device) -> tuple[np.n
     return metrics.to_frames(frames), timing
 
 
-def _quality(frames: np.ndarray, prompt: str, shapes_suite: bool) -> dict:
+def _quality(frames: np.ndarray, prompt: str, shapes_suite: bool, extractors: dict) -> dict:
     dd = metrics.dynamic_degree(frames)
     # subject and background consistency differ only in their feature extractor; with the same one
-    # (the classical default here) they are one computation
-    consistency = round(metrics.feature_consistency(frames), 5)
+    # (the classical default) they are one computation
+    subject = round(metrics.feature_consistency(frames, extractors["subject"]), 5)
+    background = (subject if extractors["background"] is extractors["subject"]
+                  else round(metrics.feature_consistency(frames, extractors["background"]), 5))
     row = {
         "temporal_flickering": round(metrics.temporal_flickering(frames), 5),
         "motion_smoothness": round(metrics.motion_smoothness(frames), 5),
         "dynamic_degree": dd["dynamic"],
         "flow_magnitude": round(dd["magnitude"], 4),
-        "subject_consistency": consistency,
-        "background_consistency": consistency,
+        "subject_consistency": subject,
+        "background_consistency": background,
     }
     if shapes_suite:
         from . import shapes as checker
@@ -170,28 +173,38 @@ def _quality(frames: np.ndarray, prompt: str, shapes_suite: bool) -> dict:
 
 
 def run_eval(pipeline: str, suite: str, spec: RunSpec, out: str | Path, device=None, dtype=None,
-             progress: bool = True, pipe=None) -> Path:
+             progress: bool = True, pipe=None, subject_features: str = "classical",
+             background_features: str = "classical") -> Path:
     """Run (or resume) an eval into ``out``; returns the path of the merged ``results.jsonl``.
 
     ``pipe`` may be passed to reuse a loaded pipeline (it must be what ``pipeline`` names).
+    ``subject_features`` / ``background_features``: the per-frame feature extractors of the two
+    consistency dimensions (``classical``, ``dino:PATH``, ``clip:PATH``; see
+    :mod:`dit_accel.evals.features`; VBench uses DINO and CLIP respectively).
     """
     import dit_accel
+
+    from .features import feature_extractor
 
     out = Path(out)
     items = load_suite(suite, spec.seeds)  # validates the suite before anything is loaded
     shapes_suite = is_shapes_suite(suite)
     rank, world = _shard()
-    header = json.loads(json.dumps({"pipeline": pipeline, "suite": suite, "spec": spec.to_dict()}))
+    subject = feature_extractor(subject_features)  # loads local checkpoints once; bad specs fail here
+    extractors = {"subject": subject, "background": subject if background_features == subject_features
+                  else feature_extractor(background_features)}
+    header = json.loads(json.dumps({"pipeline": pipeline, "suite": suite, "spec": spec.to_dict(),
+                                    "features": {"subject": subject_features, "background": background_features}}))
     run_json = out / "run.json"
     if run_json.exists():
         old = json.loads(run_json.read_text())
         if {k: old.get(k) for k in header} != header:
             raise ConfigError(f"--out {out}: this folder holds a run with other settings (pipeline, suite or configs); "
                              "use a new --out folder to keep both")
-    elif rank == 0:
-        _atomic_write(run_json, json.dumps({**header, "environment": _environment(),
-                                            "lpips": "not computed: needs the lpips package and its backbone weights "
-                                                     "locally"}, indent=1).encode())
+    lpips_score, lpips_note = load_lpips()
+    if not run_json.exists() and rank == 0:
+        _atomic_write(run_json, json.dumps({**header, "environment": _environment(), "lpips": lpips_note},
+                                           indent=1).encode())
     _barrier(world)
 
     mine = [it for it in items if it["index"] % world == rank]
@@ -233,7 +246,9 @@ def run_eval(pipeline: str, suite: str, spec: RunSpec, out: str | Path, device=N
                 ref = load_video(base)
                 row["psnr"] = round(min(metrics.psnr(frames, ref), 99.0), 3)
                 row["ssim"] = round(metrics.ssim(frames, ref), 5) if min(frames.shape[1:3]) >= 11 else None
-            row.update(_quality(frames, it["prompt"], shapes_suite))
+                if lpips_score is not None:
+                    row["lpips"] = round(lpips_score(frames, ref), 5)
+            row.update(_quality(frames, it["prompt"], shapes_suite, extractors))
             rows.append(row)
             _write_rows(shard_path, rows)
             bar.update(1)

@@ -80,5 +80,5 @@ def test_classical_features_see_layout_and_palette():
 def test_bad_extractor_specs_are_named(tmp_path):
     with pytest.raises(ValueError, match="dino:PATH"):
         feature_extractor("resnet")
-    with pytest.raises(FileNotFoundError, match="no such local directory"):
+    with pytest.raises(ValueError, match="not a local transformers checkpoint"):
         feature_extractor(f"dino:{tmp_path / 'missing'}")
