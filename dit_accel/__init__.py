@@ -12,6 +12,7 @@ from .adapters import SUPPORTED_MODELS
 from .apply import AccelHandle, apply
 from .errors import MethodUnavailableError, UnsupportedModelError
 from .geometry import attach, detach
+from .guidance import SoftPAG
 from .layout import AttentionCall, ModuleInfo, TokenLayout
 from .methods import METHODS, AttentionMethod, Dense, Neighborhood, TemporalSparse
 from .processor import AttnProcessor
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SUPPORTED_MODELS", "METHODS", "AccelHandle", "AttentionCall", "AttentionMethod", "AttnProcessor", "Dense",
-    "MethodUnavailableError", "ModuleInfo", "Neighborhood", "TemporalSparse", "TokenLayout",
+    "MethodUnavailableError", "ModuleInfo", "Neighborhood", "SoftPAG", "TemporalSparse", "TokenLayout",
     "UnsupportedModelError", "apply", "attach", "detach",
 ]

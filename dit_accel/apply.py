@@ -10,6 +10,7 @@ import torch
 from . import geometry
 from .adapters import adapter_for
 from .methods.base import AttentionMethod
+from .methods.dense import Dense
 from .processor import AttnProcessor
 
 
@@ -27,6 +28,7 @@ class AccelHandle:
 
     attention: AttnProcessor | None
     _applied: list[_Applied] = field(default_factory=list, repr=False)
+    _guidance: Any = field(default=None, repr=False)
 
     @property
     def transformers(self) -> list[torch.nn.Module]:
@@ -34,6 +36,9 @@ class AccelHandle:
 
     def remove(self) -> None:
         """Restore every transformer's original processors and remove the hooks `apply` added."""
+        if self._guidance is not None:
+            self._guidance.remove()
+            self._guidance = None
         for applied in reversed(self._applied):
             t = applied.transformer
             if self.attention is not None:
@@ -63,6 +68,16 @@ def _transformers_of(target: Any) -> tuple[Any, list[torch.nn.Module]]:
     raise TypeError(f"apply() takes a diffusers pipeline or transformer, got {type(target).__name__}.")
 
 
+def _perturbable_layers(transformer: torch.nn.Module, adapter) -> dict[int, tuple[str, int]]:
+    """Layer -> (module name, heads) of the self / joint attention modules of `transformer`."""
+    out = {}
+    for name, module in geometry.attention_modules(transformer):
+        info = adapter.describe(name, module, transformer)
+        if info is not None and info.kind in ("self", "joint"):
+            out.setdefault(info.layer, (name, module.heads))
+    return out
+
+
 def apply(pipe_or_transformer: Any, attention: AttentionMethod | AttnProcessor | None = None,
           cache: Any = None, guidance: Any = None) -> AccelHandle:
     """Accelerate a diffusers pipeline (every transformer it has, e.g. Wan2.2's two experts) or
@@ -74,7 +89,9 @@ def apply(pipe_or_transformer: Any, attention: AttentionMethod | AttnProcessor |
         attention: an attention method (e.g. `Dense()`) or an `AttnProcessor`; `None` leaves the
             stock attention and only attaches the geometry hook.
         cache: a caching schedule (not provided by this version: must be `None`).
-        guidance: a guidance config (not provided by this version: must be `None`).
+        guidance: a `SoftPAG`: its heads are checked against the model and its perturbation is
+            installed on top of `attention` (`Dense()` when `None`); attention of the batch rows
+            given to `guidance.perturbing(rows)` is perturbed.
 
     Returns:
         An `AccelHandle`; `handle.remove()` restores the stock processors and hooks.
@@ -85,15 +102,25 @@ def apply(pipe_or_transformer: Any, attention: AttentionMethod | AttnProcessor |
     if cache is not None:
         raise NotImplementedError(f"cache={cache!r}: caching schedules are not part of this dit-accel version; "
                                   "pass cache=None.")
-    if guidance is not None:
-        raise NotImplementedError(f"guidance={guidance!r}: guidance is not part of this dit-accel version; "
-                                  "pass guidance=None.")
+    from .guidance import Perturbed, SoftPAG
+
+    if guidance is not None and not isinstance(guidance, SoftPAG):
+        raise TypeError(f"guidance={guidance!r}: expected a dit_accel.SoftPAG (or None)")
     processor = attention
-    if attention is not None and not isinstance(attention, AttnProcessor):
+    if guidance is not None:
+        inner = attention.method if isinstance(attention, AttnProcessor) else attention
+        processor = AttnProcessor(Perturbed(inner if inner is not None else Dense(), guidance))
+    elif attention is not None and not isinstance(attention, AttnProcessor):
         processor = AttnProcessor(attention)
     pipeline, transformers = _transformers_of(pipe_or_transformer)
+    if guidance is not None and pipeline is None:
+        raise ValueError("guidance=SoftPAG(...): needs the pipeline (apply(pipe, guidance=...)), whose scheduler step "
+                         "receives the guidance term; for a bare transformer use guidance.perturbing() around your "
+                         "own perturbed forward calls with attention=Perturbed(method, guidance)")
     for t in transformers:
-        adapter_for(t)  # check every transformer before changing any
+        adapter = adapter_for(t)  # check every transformer before changing any
+        if guidance is not None:
+            guidance.check(_perturbable_layers(t, adapter))
     handle = AccelHandle(attention=processor)
     for t in transformers:
         had_registry = hasattr(t, "_diffusers_hook")
@@ -102,4 +129,9 @@ def apply(pipe_or_transformer: Any, attention: AttentionMethod | AttnProcessor |
         handle._applied.append(_Applied(t, saved, attached, not had_registry))
         if processor is not None:
             t.set_attn_processor(processor)
+    if guidance is not None:
+        from .guidance import GuidanceRunner
+
+        handle._guidance = GuidanceRunner(guidance, pipeline, {t: geometry.get_hook(t) for t in transformers})
+        handle._guidance.install(transformers)
     return handle
