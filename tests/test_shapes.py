@@ -183,8 +183,10 @@ def test_trainer_resumes_and_exports_the_ema_weights(tmp_path, capsys):
     """A run cut by --budget-s resumes from its checkpoint; the exported pipeline holds the EMA weights."""
     from dit_accel.pipelines.shapes.train import main
 
-    args = ["--out", str(tmp_path), "--device", "cpu", "--no-compile", "--minutes", "0.03", "--batch-scale", "0.02",
+    args = ["--out", str(tmp_path), "--device", "cpu", "--no-compile", "--minutes", "0.15", "--batch-scale", "0.02",
             "--log-every", "1", "--sample-every", "0", "--sample-steps", "1", "--sample-prompts", "1", "--warmup", "2"]
+    # the budget (0.01 s) must cut the first run before its 9 training seconds are done, even on a
+    # machine where one step takes seconds
     main([*args, "--budget-s", "0.01"])
     first = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert 1 <= first["step"] and not (tmp_path / "pipeline").exists()
