@@ -328,8 +328,9 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   tma: bool | None = None, warp_specialize: bool | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-    Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, the
-    fastest of the sweep in ``benchmarks/sparse.py`` on an H100 at the Wan 480p shape, d=128):
+    Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, within
+    run-to-run noise of the best of the sweep in ``benchmarks/sparse.py`` on an H100 at the Wan
+    480p shape, d=128, and the fastest for the sparse methods' full step):
     ``sub_n`` (a power of two dividing ``block_n``: keys per inner step), ``num_warps``,
     ``num_stages``; ``tma`` loads q, k, v through tensor descriptors (Hopper's TMA) where the
     inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
@@ -364,8 +365,12 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     sc = lead_strides(counts)
     even_d = D == max(16, triton.next_power_of_2(D))
     descs = None
-    if knobs["tma"] and seq_index is None and even_d:
-        descs = _descriptors((q, k, v), (block_m, sub_n, sub_n))
+    if knobs["tma"]:
+        descs = _descriptors((q, k, v), (block_m, sub_n, sub_n)) if seq_index is None and even_d else None
+        if descs is None and "tma" not in _warned:
+            _warned.add("tma")
+            logger.info("block_sparse_attention: tma=True but these inputs do not fit tensor descriptors (seq_index, "
+                        "a head_dim that is not a power of two, or unaligned strides); using pointer loads")
     grid = (n_q, B * H)
     _block_sparse_fwd[grid](
         q, k, v, out, lse, gap, blocks, counts, lens, index, *(descs or (q, k, v)), scale,
