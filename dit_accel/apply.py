@@ -89,9 +89,10 @@ def apply(pipe_or_transformer: Any, attention: AttentionMethod | AttnProcessor |
         attention: an attention method (e.g. `Dense()`) or an `AttnProcessor`; `None` leaves the
             stock attention and only attaches the geometry hook.
         cache: a caching schedule (not provided by this version: must be `None`).
-        guidance: a `SoftPAG`: its heads are checked against the model and its perturbation is
-            installed on top of `attention` (`Dense()` when `None`); attention of the batch rows
-            given to `guidance.perturbing(rows)` is perturbed.
+        guidance: a `SoftPAG` (needs a pipeline): its heads are checked against the model, its
+            perturbation is installed on top of `attention` (`Dense()` when `None`), each
+            conditional transformer call runs a perturbed copy of its conditional rows in the same
+            batch, and the scheduler's step adds `s (eps_c - eps_pert)` to its prediction.
 
     Returns:
         An `AccelHandle`; `handle.remove()` restores the stock processors and hooks.
@@ -116,7 +117,7 @@ def apply(pipe_or_transformer: Any, attention: AttentionMethod | AttnProcessor |
     if guidance is not None and pipeline is None:
         raise ValueError("guidance=SoftPAG(...): needs the pipeline (apply(pipe, guidance=...)), whose scheduler step "
                          "receives the guidance term; for a bare transformer use guidance.perturbing() around your "
-                         "own perturbed forward calls with attention=Perturbed(method, guidance)")
+                         "own perturbed forward calls with attention=dit_accel.guidance.Perturbed(method, guidance)")
     for t in transformers:
         adapter = adapter_for(t)  # check every transformer before changing any
         if guidance is not None:
