@@ -157,8 +157,6 @@ class Perturbed(AttentionMethod):
         return f"Perturbed({self.inner!r}, {self.pag!r})"
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Guidance without forking pipelines
 
@@ -209,7 +207,7 @@ class GuidanceRunner:
                     raise RuntimeError(f"SoftPAG: the scheduler got a prediction of shape {tuple(model_output.shape)} "
                                        f"but the conditional rows gave {tuple(delta.shape)}; this pipeline reshapes "
                                        "its prediction between the transformer and the scheduler")
-                model_output = (model_output + delta.to(model_output.dtype)).to(model_output.dtype)
+                model_output = model_output + delta.to(model_output.dtype)
             return step(model_output, *args, **kwargs)
 
         scheduler.step = guided_step
@@ -248,6 +246,8 @@ class GuidanceRunner:
         hook = self.hooks[transformer]
         context = hook.cache_context._context
         branch = context.name if context is not None else None
+        if branch == "uncond":  # nothing conditional in this call
+            return forward(*args, **kwargs)
         adapter = hook.adapter
         arguments = adapter.bind_arguments(transformer, args, kwargs)
         arguments.pop("self", None)

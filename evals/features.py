@@ -40,11 +40,7 @@ def classical_features(frames: np.ndarray) -> np.ndarray:
 
 
 def _transformers_extractor(kind: str, path: str) -> Extractor:
-    from pathlib import Path
-
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"feature extractor {kind}:{path}: no such local directory (weights are never "
-                                "downloaded; save a transformers checkpoint there, or use 'classical')")
+    """A DINO / CLIP extractor from a checkpoint directory :func:`check_spec` has accepted."""
     from transformers import AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
 
     processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)

@@ -184,15 +184,14 @@ def run_eval(pipeline: str, suite: str, spec: RunSpec, out: str | Path, device=N
     """
     import dit_accel
 
-    from .features import feature_extractor
+    from .features import check_spec, feature_extractor
 
     out = Path(out)
     items = load_suite(suite, spec.seeds)  # validates the suite before anything is loaded
     shapes_suite = is_shapes_suite(suite)
     rank, world = _shard()
-    subject = feature_extractor(subject_features)  # loads local checkpoints once; bad specs fail here
-    extractors = {"subject": subject, "background": subject if background_features == subject_features
-                  else feature_extractor(background_features)}
+    check_spec(subject_features)  # bad specs fail before anything is loaded; checkpoints load below, if needed
+    check_spec(background_features)
     header = json.loads(json.dumps({"pipeline": pipeline, "suite": suite, "spec": spec.to_dict(),
                                     "features": {"subject": subject_features, "background": background_features}}))
     run_json = out / "run.json"
@@ -217,6 +216,9 @@ def run_eval(pipeline: str, suite: str, spec: RunSpec, out: str | Path, device=N
     if done:
         logger.info("%s: %d rows done, %d to go", out, len(done), len(todo))
     if todo:
+        subject = feature_extractor(subject_features)
+        extractors = {"subject": subject, "background": subject if background_features == subject_features
+                      else feature_extractor(background_features)}
         if pipe is None:
             pipe = load_pipeline(pipeline, device=device, dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
