@@ -72,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     vb.add_argument("--format", default="mp4", choices=("mp4", "gif"), help="video files handed to VBench")
     vb.add_argument("--device", default=None)
     vb.add_argument("--full-info", default=None, help="VBench_full_info.json (default: the one in the vbench package)")
+    hh = sub.add_parser("headhunt", help="HeadHunter: search the heads whose SoftPAG guidance best serves an objective",
+                        description="Greedy search over attention heads (resumable: rerun the same command). Saves a "
+                                    "preset JSON for SoftPAG(preset=...) and the UI. Under `accelerate launch -m "
+                                    "dit_accel.cli headhunt ...` the candidate heads are sharded across processes.")
+    add_headhunt_arguments(hh)
     args = parser.parse_args(argv)
+    if args.command == "headhunt":
+        return run_headhunt_command(args)
     if args.command == "info":
         print(info())
     elif args.command == "eval":
@@ -112,6 +119,83 @@ def _vbench_command(args) -> int:
         return 2
     write_report(args.run)
     print(f"wrote {path}; report updated")
+    return 0
+
+
+def add_headhunt_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--pipeline", default="reference", help="'reference' or a local diffusers pipeline directory")
+    ap.add_argument("--suite", default="shapes-search:16",
+                    help="search prompts: shapes-search[:N] (kept apart from the held-out suite), shapes-heldout[:N], "
+                         "a .txt or a VBench .json prompt list")
+    ap.add_argument("--objective", default="checker",
+                    help="checker, sharpness, contrast, colorfulness, clip:PATH, pickscore:PATH or imagereward:PATH")
+    ap.add_argument("--rounds", type=int, default=3, help="greedy rounds")
+    ap.add_argument("--top-k", type=int, default=1, help="heads added per round")
+    ap.add_argument("--strength", type=float, default=1.0, help="SoftPAG u while searching")
+    ap.add_argument("--scale", type=float, default=3.0, help="SoftPAG s while searching")
+    ap.add_argument("--rows", default="image", choices=("image", "all"))
+    ap.add_argument("--layers", default=None, help="comma-separated layers whose heads are candidates (default: all)")
+    ap.add_argument("--min-gain", type=float, default=0.0, help="stop when a round improves the objective by less")
+    ap.add_argument("--steps", type=int, default=None, help="inference steps (default: the pipeline's)")
+    ap.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    ap.add_argument("--num-frames", type=int, default=None)
+    ap.add_argument("--height", type=int, default=None)
+    ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    ap.add_argument("--out", required=True, help="the preset JSON to write")
+    ap.add_argument("--cache-dir", default=None, help="per-set scores, for resuming (default: OUT without .json + .search)")
+    ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when available)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_headhunt_command(args) -> int:
+    """`dit-accel headhunt`: check the arguments, load the pipeline, search, save the preset."""
+    import logging
+
+    from dit_accel.evals.objectives import check_objective
+    from dit_accel.evals.runner import load_pipeline, process_device
+    from dit_accel.evals.suites import load_suite
+    from dit_accel.headhunt import headhunt, perturbable_heads
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out)
+    try:
+        if out.suffix != ".json":
+            raise ValueError(f"--out {args.out}: expected a .json file (the preset)")
+        items = load_suite(args.suite)
+        check_objective(args.objective)
+        layers = None
+        if args.layers:
+            try:
+                layers = sorted({int(x) for x in args.layers.split(",") if x.strip()})
+            except ValueError:
+                raise ValueError(f"--layers {args.layers}: expected comma-separated layer numbers") from None
+        kwargs = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance_scale),
+                                    ("num_frames", args.num_frames), ("height", args.height), ("width", args.width))
+                  if v is not None}
+        pipe = load_pipeline(args.pipeline, device=process_device(args.device))
+        candidates = None
+        if layers is not None:
+            available = perturbable_heads(pipe)
+            bad = [x for x in layers if x not in available]
+            if bad:
+                raise ValueError(f"--layers: {bad} have no self or joint attention in this model; layers: "
+                                 f"{sorted(available)}")
+            candidates = [(x, h) for x in layers for h in range(available[x])]
+        cache = args.cache_dir or str(out.with_suffix("")) + ".search"
+        result = headhunt(pipe, [it["prompt"] for it in items], [it["seed"] for it in items], objective=args.objective,
+                          rounds=args.rounds, top_k=args.top_k, strength=args.strength, scale=args.scale,
+                          rows=args.rows, candidates=candidates, cache_dir=cache, output=out,
+                          batch_size=args.batch_size, min_gain=args.min_gain, progress=not args.no_progress, **kwargs)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dit-accel headhunt: {exc}", file=sys.stderr)
+        return 2
+    print(f"unguided {args.objective}: {result.baseline:.4f}")
+    for r in result.rounds:
+        best = max(r["scores"].items(), key=lambda kv: kv[1])
+        print(f"round {r['round']}: best candidate {best[0]} -> {best[1]:.4f}; added "
+              f"{['.'.join(map(str, h)) for h in r['added']] or 'nothing'}")
+    print(f"chosen heads {result.preset()['heads']} -> {result.score:.4f} ({result.stopped}); preset: {out}")
     return 0
 
 

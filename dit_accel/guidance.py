@@ -42,6 +42,9 @@ def _heads_map(heads) -> dict[int, tuple[int, ...]]:
     return out
 
 
+_DEFAULTS = {"strength": 1.0, "scale": 3.0, "rows": "image"}
+
+
 @dataclass
 class SoftPAG:
     """Soft perturbed-attention guidance on chosen heads.
@@ -57,13 +60,16 @@ class SoftPAG:
             ``max(0, s - adaptive_scale * (1000 - t))``.
         start, stop: the fraction of the denoising steps in which guidance is applied.
         preset: a JSON file with ``heads`` (and optionally ``strength``, ``scale``, ``rows``), as
-            a HeadHunter search saves; explicit arguments win over the file.
+            a HeadHunter search saves (:func:`headhunt`); explicit arguments win over the file.
+
+    ``strength``, ``scale`` and ``rows`` left unset take the preset's values, else 1.0, 3.0 and
+    ``"image"``.
     """
 
     heads: dict | None = None
-    strength: float = 1.0
-    scale: float = 3.0
-    rows: str = "image"
+    strength: float | None = None
+    scale: float | None = None
+    rows: str | None = None
     adaptive_scale: float = 0.0
     start: float = 0.0
     stop: float = 1.0
@@ -75,9 +81,19 @@ class SoftPAG:
             path = Path(self.preset)
             if not path.is_file():
                 raise FileNotFoundError(f"SoftPAG(preset={self.preset!r}): no such file")
-            data = json.loads(path.read_text())
-            if self.heads is None:
-                self.heads = data.get("heads")
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"SoftPAG(preset={self.preset!r}): not a JSON file ({exc})") from None
+            if not isinstance(data, dict) or "heads" not in data:
+                raise ValueError(f"SoftPAG(preset={self.preset!r}): expected a JSON object with 'heads', as "
+                                 "dit-accel headhunt saves")
+            for name in ("heads", "strength", "scale", "rows"):
+                if getattr(self, name) is None and data.get(name) is not None:
+                    setattr(self, name, data[name])
+        for name, default in _DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
         self.heads = _heads_map(self.heads)
         if not 0.0 <= float(self.strength) <= 1.0:
             raise ValueError(f"SoftPAG(strength={self.strength}): u must be in [0, 1] (0 = no perturbation, "
@@ -274,4 +290,6 @@ class GuidanceRunner:
         return _with_sample(output, eps)
 
 
-__all__ = ["GuidanceRunner", "Perturbed", "SoftPAG"]
+from .headhunt import HeadHuntResult, headhunt, perturbable_heads  # noqa: E402  (the search over SoftPAG heads)
+
+__all__ = ["GuidanceRunner", "HeadHuntResult", "Perturbed", "SoftPAG", "headhunt", "perturbable_heads"]

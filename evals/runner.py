@@ -99,17 +99,29 @@ def _shard() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    state = _state()
+    return state.process_index, state.num_processes
+
+
+def _state():
+    """accelerate's process state; on a machine without CUDA it joins the processes over gloo
+    (accelerate's default would leave each CPU process on its own)."""
     from accelerate import PartialState
 
-    state = PartialState()
-    return state.process_index, state.num_processes
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def process_device(device=None):
+    """``device``, or under ``accelerate launch`` with none given, this process's own device (every
+    process on ``cuda`` would put all of them on the first GPU)."""
+    if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _state().device
+    return device
 
 
 def _barrier(world: int) -> None:
     if world > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+        _state().wait_for_everyone()
 
 
 def _generate(pipe, prompt: str, seed: int, spec: RunSpec, device) -> tuple[np.ndarray, dict]:
@@ -220,7 +232,7 @@ def run_eval(pipeline: str, suite: str, spec: RunSpec, out: str | Path, device=N
         extractors = {"subject": subject, "background": subject if background_features == subject_features
                       else feature_extractor(background_features)}
         if pipe is None:
-            pipe = load_pipeline(pipeline, device=device, dtype=dtype)
+            pipe = load_pipeline(pipeline, device=process_device(device), dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         dev = torch.device(pipe._execution_device if hasattr(pipe, "_execution_device") else pipe.device)
         from tqdm.auto import tqdm

@@ -2,6 +2,8 @@
 
 - ``shapes-heldout`` or ``shapes-heldout:N``: the reference model's held-out suite (first N of
   64 prompts, each with its fixed seed); the checker scores these;
+- ``shapes-search`` or ``shapes-search:N``: ShapesBench prompts for tuning (HeadHunter searches),
+  disjoint from the held-out suite in prompts and seeds (first N of 64); checker-scored too;
 - ``PATH.txt``: one prompt per line (blank lines and lines starting with ``#`` skipped);
 - ``PATH.json``: VBench's prompt lists (a list of strings, or of objects with ``prompt_en`` or
   ``prompt``, as in VBench's ``VBench_full_info.json``).
@@ -15,25 +17,28 @@ import json
 from pathlib import Path
 
 SHAPES_SUITE = "shapes-heldout"
+SEARCH_SUITE = "shapes-search"
 
 
 def load_suite(spec: str, seeds: tuple[int, ...] | None = None) -> list[dict]:
     """``[{"prompt", "seed", "index"}]`` for a suite spec (see the module docstring)."""
     items: list[dict]
-    if spec == SHAPES_SUITE or spec.startswith(SHAPES_SUITE + ":"):
-        from ..pipelines.shapes.suite import held_out_suite
+    if is_shapes_suite(spec):
+        from ..pipelines.shapes.suite import held_out_suite, search_suite
 
+        name, _, count = spec.partition(":")
         n = 64
-        if ":" in spec:
-            count = spec.split(":", 1)[1]
+        if count:
             if not count.isdigit() or int(count) < 1:
-                raise ValueError(f"--suite {spec}: expected {SHAPES_SUITE}:N with N a positive integer")
+                raise ValueError(f"--suite {spec}: expected {name}:N with N a positive integer")
             n = int(count)
-        items = [{"prompt": r["prompt"], "seed": r["seed"]} for r in held_out_suite(n)]
+        build = held_out_suite if name == SHAPES_SUITE else search_suite
+        items = [{"prompt": r["prompt"], "seed": r["seed"]} for r in build(n)]
     else:
         path = Path(spec)
         if not path.is_file():
-            raise ValueError(f"--suite {spec}: neither {SHAPES_SUITE}[:N] nor an existing .txt / .json prompt file")
+            raise ValueError(f"--suite {spec}: neither {SHAPES_SUITE}[:N], {SEARCH_SUITE}[:N] nor an existing .txt / "
+                             ".json prompt file")
         if path.suffix == ".json":
             data = json.loads(path.read_text())
             if not isinstance(data, list):
@@ -59,7 +64,8 @@ def load_suite(spec: str, seeds: tuple[int, ...] | None = None) -> list[dict]:
 
 
 def is_shapes_suite(spec: str) -> bool:
-    return spec == SHAPES_SUITE or spec.startswith(SHAPES_SUITE + ":")
+    """A ShapesBench suite (the checker can score it)."""
+    return spec.partition(":")[0] in (SHAPES_SUITE, SEARCH_SUITE)
 
 
-__all__ = ["SHAPES_SUITE", "is_shapes_suite", "load_suite"]
+__all__ = ["SEARCH_SUITE", "SHAPES_SUITE", "is_shapes_suite", "load_suite"]

@@ -115,12 +115,16 @@ def test_two_processes_give_the_single_process_rows(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     proc = _cli(tmp_path, one, single, suite="shapes-heldout:3")
     assert proc.wait(timeout=600) == 0, proc.log.read_text()
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dit_accel.evals"]
+    # torchrun: what `accelerate launch` runs on a multi-GPU host (its --cpu mode starts one process)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",
+                "-m", "dit_accel.evals"]
     proc = _cli(tmp_path, one, multi, suite="shapes-heldout:3", launcher=launcher)
     proc.wait(timeout=900)
     text = proc.log.read_text()
     assert proc.returncode == 0, text
+    shards = [read_rows(multi / f"results.rank{r}.jsonl") for r in (0, 1)]
+    assert all(shards) and sum(map(len, shards)) == 6  # two processes ran, each its own prompts
+    assert not {r["index"] for r in shards[0]} & {r["index"] for r in shards[1]}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
     assert strip(read_rows(multi / "results.jsonl")) == strip(read_rows(single / "results.jsonl"))
     for r in read_rows(single / "results.jsonl"):

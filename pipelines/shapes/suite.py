@@ -14,6 +14,8 @@ import numpy as np
 from .data import HELD_OUT, sample_spec
 
 SUITE_SEED_BASE = 1_000_000_000  # far from the trainer's sample seeds (0, 1, 2, ...)
+SEARCH_SEED_BASE = 2_000_000_000
+SEARCH_GENERATION_SEED = 10_000  # the search suite's generation seeds start here (held-out: 0, 1, ...)
 
 
 def held_out_suite(n: int = 64) -> list[dict]:
@@ -22,10 +24,23 @@ def held_out_suite(n: int = 64) -> list[dict]:
     Prompt ``2k`` puts the ``k``-th held-out (color, shape, background) combination alone with a
     random motion, prompt ``2k + 1`` adds a second object of another color.
     """
+    return _suite(n, SUITE_SEED_BASE, 0)
+
+
+def search_suite(n: int = 32) -> list[dict]:
+    """``n`` prompts for tuning (e.g. a HeadHunter search) kept apart from the held-out suite: built
+    the same way over the same held-out combinations, with other motions, second objects, layouts
+    and generation seeds (from ``10000``), and no prompt text of the 64 held-out prompts, so the
+    held-out suite stays unseen by the tuning."""
+    held = {it["prompt"] for it in held_out_suite(64)}
+    return [it for it in _suite(2 * n + 16, SEARCH_SEED_BASE, SEARCH_GENERATION_SEED) if it["prompt"] not in held][:n]
+
+
+def _suite(n: int, base: int, first_seed: int) -> list[dict]:
     from .data import COLORS, MOTIONS, SHAPES
 
     triples = sorted(HELD_OUT)
-    rng = np.random.default_rng(SUITE_SEED_BASE)
+    rng = np.random.default_rng(base)
     motions = list(MOTIONS)
     out = []
     for i in range(n):
@@ -34,8 +49,8 @@ def held_out_suite(n: int = 64) -> list[dict]:
         if i % 2:
             other = [c for c in COLORS if c != color][int(rng.integers(len(COLORS) - 1))]
             objects.append((other, SHAPES[int(rng.integers(len(SHAPES)))], motions[int(rng.integers(len(motions)))]))
-        spec = sample_spec(SUITE_SEED_BASE + i, objects=objects, background=background, exclude=frozenset())
-        out.append({"prompt": spec.prompt, "seed": i, "spec": spec})
+        spec = sample_spec(base + i, objects=objects, background=background, exclude=frozenset())
+        out.append({"prompt": spec.prompt, "seed": first_seed + i, "spec": spec})
     return out
 
 
@@ -66,4 +81,4 @@ def save_grid(path, videos, frames=None) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["grid_image", "held_out_suite", "save_grid"]
+__all__ = ["grid_image", "held_out_suite", "save_grid", "search_suite"]
