@@ -38,9 +38,10 @@ from dit_accel import SoftPAG
 
 def _score(pipe, heads, items, args, cache: Path, name: str) -> dict:
     """Checker scores of one head set (``{}``: no PAG) on ``items``; cached in ``cache``."""
-    done = {r["name"]: r for r in read_rows(cache)}
-    if name in done:
-        return done[name]
+    key = json.dumps([name, {str(k): list(v) for k, v in sorted(heads.items())}])
+    done = {json.dumps([r["name"], r["heads"]]): r for r in read_rows(cache)}
+    if key in done:
+        return done[key]
     prompts, seeds = [it["prompt"] for it in items], [it["seed"] for it in items]
     pag = SoftPAG(heads=heads, strength=args.strength, scale=args.scale) if heads else None
     handle = dit_accel.apply(pipe, guidance=pag) if pag is not None else None
