@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from dit_accel import Dense
@@ -29,3 +31,28 @@ def pipeline_output(pipe, kwargs, output_type="latent"):
     out = pipe(**{**kwargs, "output_type": output_type, "generator": generator})
     return out.frames if hasattr(out, "frames") else out.images
 
+
+class ExplicitMap(AttentionMethod):
+    """Oracle: the attention map A = softmax(q k^T / sqrt(d) + mask) written out in float64, and for
+    the chosen (layer, head) pairs A' = (1 - u) A + u I on the chosen rows; out = A' v."""
+
+    def __init__(self, heads, u, rows):
+        self.heads, self.u, self.rows = heads, u, rows
+
+    def __call__(self, query, key, value, attn_mask, call):
+        q, k, v = (x.double() for x in (query, key, value))
+        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if attn_mask is not None:
+            s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.double()
+        a = torch.softmax(s, dim=-1)
+        chosen = self.heads.get(call.module.layer, []) if call.module.kind in ("self", "joint") else []
+        if chosen:
+            S = a.shape[-1]
+            rows = torch.ones(S, dtype=torch.bool)
+            if self.rows == "image" and call.module.kind == "joint" and call.text_span is not None:
+                rows[call.text_span[0]:call.text_span[1]] = False
+            eye = torch.diag(rows.double())  # identity on the chosen rows only
+            keep = torch.diag((~rows).double()) + torch.diag(rows.double()) * (1 - self.u)
+            for h in chosen:
+                a[:, h] = keep @ a[:, h] + self.u * eye
+        return (a @ v).to(query.dtype)

@@ -2,11 +2,10 @@
 explicit S x S attention map mixed with the identity for the chosen heads only, on tiny random
 models of every family, on image rows and on all rows; it rides on any attention method."""
 
-import math
 
 import pytest
 import torch
-from helpers import pipeline_output
+from helpers import ExplicitMap, pipeline_output
 
 import dit_accel
 from dit_accel import Dense, Neighborhood, SoftPAG, TemporalSparse
@@ -16,32 +15,6 @@ from dit_accel.methods.base import AttentionMethod
 from dit_accel.pipelines.tiny import FAMILIES, make_tiny_pipeline, tiny_inputs
 
 HEADS = {0: [1], 1: [0]}  # every tiny model has >= 2 layers with self / joint attention and >= 2 heads
-
-
-class ExplicitMap(AttentionMethod):
-    """Oracle: the attention map A = softmax(q k^T / sqrt(d) + mask) written out in float64, and for
-    the chosen (layer, head) pairs A' = (1 - u) A + u I on the chosen rows; out = A' v."""
-
-    def __init__(self, heads, u, rows):
-        self.heads, self.u, self.rows = heads, u, rows
-
-    def __call__(self, query, key, value, attn_mask, call):
-        q, k, v = (x.double() for x in (query, key, value))
-        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        if attn_mask is not None:
-            s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.double()
-        a = torch.softmax(s, dim=-1)
-        chosen = self.heads.get(call.module.layer, []) if call.module.kind in ("self", "joint") else []
-        if chosen:
-            S = a.shape[-1]
-            rows = torch.ones(S, dtype=torch.bool)
-            if self.rows == "image" and call.module.kind == "joint" and call.text_span is not None:
-                rows[call.text_span[0]:call.text_span[1]] = False
-            eye = torch.diag(rows.double())  # identity on the chosen rows only
-            keep = torch.diag((~rows).double()) + torch.diag(rows.double()) * (1 - self.u)
-            for h in chosen:
-                a[:, h] = keep @ a[:, h] + self.u * eye
-        return (a @ v).to(query.dtype)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
