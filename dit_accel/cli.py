@@ -77,7 +77,22 @@ def main(argv: list[str] | None = None) -> int:
                                     "preset JSON for SoftPAG(preset=...) and the UI. Under `accelerate launch -m "
                                     "dit_accel.cli headhunt ...` the candidate heads are sharded across processes.")
     add_headhunt_arguments(hh)
+    ui = sub.add_parser("ui", help="the Gradio app on the reference model (or a local pipeline), on localhost",
+                        description="Compare speed against quality, tune head guidance and run evals in the browser.")
+    ui.add_argument("--pipeline", default="reference", help="'reference' or a local diffusers pipeline directory")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when available)")
+    ui.add_argument("--runs", default="runs", help="folder of eval runs")
     args = parser.parse_args(argv)
+    if args.command == "ui":
+        try:
+            from dit_accel.ui.app import launch
+        except ImportError as exc:
+            print(f"dit-accel ui: needs Gradio ({exc}); pip install 'dit-accel[ui]'", file=sys.stderr)
+            return 2
+        launch(args.pipeline, host=args.host, port=args.port, device=args.device, runs_dir=args.runs)
+        return 0
     if args.command == "headhunt":
         return run_headhunt_command(args)
     if args.command == "info":

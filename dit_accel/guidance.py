@@ -45,6 +45,21 @@ def _heads_map(heads) -> dict[int, tuple[int, ...]]:
 _DEFAULTS = {"strength": 1.0, "scale": 3.0, "rows": "image"}
 
 
+def read_preset(path, where: str = "preset") -> dict:
+    """A preset JSON (as ``dit-accel headhunt`` saves) as a dict; errors start with ``where``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file {str(path)!r}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not a JSON file ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("heads"), dict):
+        raise ValueError(f"{where}: expected a JSON object with 'heads' {{layer: [head, ...]}}, as dit-accel headhunt "
+                         "saves")
+    return data
+
+
 @dataclass
 class SoftPAG:
     """Soft perturbed-attention guidance on chosen heads.
@@ -78,16 +93,7 @@ class SoftPAG:
 
     def __post_init__(self) -> None:
         if self.preset is not None:
-            path = Path(self.preset)
-            if not path.is_file():
-                raise FileNotFoundError(f"SoftPAG(preset={self.preset!r}): no such file")
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"SoftPAG(preset={self.preset!r}): not a JSON file ({exc})") from None
-            if not isinstance(data, dict) or "heads" not in data:
-                raise ValueError(f"SoftPAG(preset={self.preset!r}): expected a JSON object with 'heads', as "
-                                 "dit-accel headhunt saves")
+            data = read_preset(self.preset, f"SoftPAG(preset={self.preset!r})")
             for name in ("heads", "strength", "scale", "rows"):
                 if getattr(self, name) is None and data.get(name) is not None:
                     setattr(self, name, data[name])

@@ -1,0 +1,281 @@
+"""The Gradio app: its work functions against independent recomputation, bad input as messages, ten
+concurrent compare requests in queue order, and a real headless Chromium driving every tab.
+
+The browser tests need Playwright and Chromium (`.ci/run` installs Debian's `chromium`); where they
+are missing they skip, unless DIT_ACCEL_REQUIRE_BROWSER=1 (CI) makes that a failure. Screenshots go
+to $DIT_ACCEL_ARTIFACTS (default: artifacts/ui)."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gradio")
+
+from dit_accel.evals import metrics  # noqa: E402
+from dit_accel.pipelines import load_reference  # noqa: E402
+from dit_accel.ui.core import Studio, UIError  # noqa: E402
+
+TINY = dict(steps=2, num_frames=5, height=16, width=16)
+PROMPT = "a red circle moving right on a dark blue background"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    pipe = load_reference(device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return Studio(pipe=pipe, workdir=tmp_path_factory.mktemp("ui"), runs_dir=tmp_path_factory.mktemp("runs"))
+
+
+def _gif_frames(path):
+    from PIL import Image, ImageSequence
+
+    return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(path))])
+
+
+def test_compare_runs_both_on_one_seed_and_reports_metrics(studio):
+    res = studio.compare(PROMPT, "", 3, 2, 9, 32, 32, 4.0, "Neighborhood", '{"window": [0.3, 0.3, 0.3]}')
+    row = res["row"]
+    # both outputs are the pipeline's own generations on the same seed: recompute them here
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    stock = studio.pipe(prompt=PROMPT, generator=gen(), output_type="np", num_inference_steps=2, num_frames=9,
+                        height=32, width=32, guidance_scale=4.0).frames[0]
+    base = _gif_frames(res["baseline"])
+    scale = base.shape[1] // 32
+    assert np.array_equal(base[:, ::scale, ::scale], np.round(np.clip(stock, 0, 1) * 255).astype(np.uint8))
+    accel = _gif_frames(res["accelerated"])[:, ::scale, ::scale] / 255.0
+    assert row["psnr"] == pytest.approx(min(metrics.psnr(accel, base[:, ::scale, ::scale] / 255.0), 99), abs=0.01)
+    assert 0 < row["density"] < 1 and row["speedup"] == pytest.approx(row["baseline_s"] / row["accelerated_s"], rel=0.01, abs=2e-3)
+    assert studio.history[-1] is row and row["checker_baseline"] is not None
+    exported = json.loads(studio.export("json").read_text())
+    assert exported[-1]["run"] == row["run"]
+    assert studio.export("csv").read_text().splitlines()[0].startswith("run,prompt,seed,method")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"steps": 0}, "steps: must be a whole number from 1"),
+    ({"height": "abc"}, "height: expected a whole number"),
+    ({"parameters": "{window: 1}"}, "parameters: not valid JSON"),
+    ({"parameters": '{"windw": [1, 1, 1]}'}, "parameters.windw: Neighborhood has no parameter"),
+    ({"method": "Sparse9000"}, "parameters.method: unknown method"),
+    ({"heads": "0-1"}, "heads: '0-1' is not LAYER.HEAD"),
+    ({"heads": "40.0"}, "layer 40"),
+    ({"prompt": " "}, "prompt: must not be empty"),
+])
+def test_bad_input_is_a_message_naming_the_field(studio, change, message):
+    args = dict(prompt=PROMPT, negative_prompt="", seed=0, guidance_scale=4.0, method="Neighborhood", parameters="{}",
+                heads="", **TINY)
+    args.update(change)
+    with pytest.raises(UIError, match=re.escape(message)):
+        studio.compare(**args)
+
+
+def test_presets_round_trip_and_guided_differs(studio, tmp_path):
+    path = studio.save_preset(tmp_path / "p.json", ["0.1", "5.2"], 0.8, 2.0, {"layers": [0], "values": [[0.1]]})
+    data = studio.load_preset(path)
+    assert data["heads"] == ["0.1", "5.2"] and (data["strength"], data["scale"]) == (0.8, 2.0)
+    from dit_accel import SoftPAG
+
+    assert SoftPAG(preset=path).heads == {0: (1,), 5: (2,)}
+    res = studio.guided(PROMPT, 0, guidance_scale=1.0, heads=["0.1", "5.2"], strength=0.8, scale=2.0, **TINY)
+    assert res["max_abs_diff"] > 0
+    with pytest.raises(UIError, match="heads: select at least one head"):
+        studio.guided(PROMPT, 0, heads=[], **TINY)
+    with pytest.raises(UIError, match="preset path: no such file"):
+        studio.load_preset(tmp_path / "missing.json")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(studio):
+    from dit_accel.ui.app import build_app
+
+    app = build_app(studio)
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               allowed_paths=[str(studio.workdir), str(studio.runs_dir)])
+    yield f"http://127.0.0.1:{port}"
+    app.close()
+
+
+def test_ten_concurrent_compares_complete_in_queue_order(studio, server):
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    client = Client(server, verbose=False)
+    before = len(studio.history)
+    jobs = []
+    for seed in range(100, 110):  # each request is in the queue before the next is sent: that is the queue order
+        jobs.append(client.submit(PROMPT, "", seed, TINY["steps"], TINY["num_frames"], TINY["height"], TINY["width"],
+                                  4.0, "Dense", "{}", "", 1.0, 3.0, api_name="/compare"))
+        deadline = time.time() + 60
+        while jobs[-1].status().code in (Status.STARTING, Status.JOINING_QUEUE) and time.time() < deadline:
+            time.sleep(0.02)
+    assert sum(not j.done() for j in jobs) >= 5  # most were waiting at once
+    results = [job.result(timeout=600) for job in jobs]
+    assert len(results) == 10 and all(r[0] and r[1] and r[2] for r in results)
+    assert [r["seed"] for r in studio.history[before:]] == list(range(100, 110))  # served in the order queued
+
+
+# ----------------------------------------------------------------------------------------------
+# a real browser
+
+
+def _browser():
+    required = os.environ.get("DIT_ACCEL_REQUIRE_BROWSER") == "1"
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        chromium = None
+    if chromium is None:
+        if required:
+            pytest.fail("DIT_ACCEL_REQUIRE_BROWSER=1 but Playwright or Chromium is missing")
+        pytest.skip("Playwright and Chromium are needed for the browser tests (apt install chromium)")
+    return chromium
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    chromium = _browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.hosts = set()
+        page.on("request", lambda r: page.hosts.add(r.url.split("/")[2]))
+        page.goto(server)
+        page.wait_for_selector("#run-compare", timeout=60000)
+        yield page
+        browser.close()
+
+
+def _shot(page, name):
+    folder = Path(os.environ.get("DIT_ACCEL_ARTIFACTS", "artifacts/ui"))
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+
+
+def _fill(page, elem_id, value):
+    page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(str(value))
+
+
+def test_browser_compare_shows_both_outputs_timing_and_metrics(page):
+    for key, elem in (("steps", "steps"), ("num_frames", "frames"), ("height", "height"), ("width", "width")):
+        _fill(page, elem, TINY[key])
+    page.click("#run-compare")
+    page.wait_for_selector("#metrics table", timeout=300000)
+    text = page.locator("#metrics").inner_text()
+    assert re.search(r"baseline time\s+[\d.]+ s", text) and re.search(r"speedup\s+[\d.]+×", text)
+    assert "PSNR vs baseline" in text and "VBench-style flicker" in text and "checker" in text
+    for elem in ("out-baseline", "out-accelerated", "out-difference"):
+        assert page.locator(f"#{elem} img").count() == 1
+    _shot(page, "compare")
+    assert page.hosts <= {page.url.split("/")[2]}, page.hosts  # nothing fetched from anywhere else
+
+
+def test_browser_bad_value_shows_the_error(page):
+    _fill(page, "steps", 0)
+    page.click("#run-compare")
+    toast = page.get_by_text(re.compile("steps: must be a whole number"))
+    toast.first.wait_for(timeout=60000)
+    _shot(page, "error")
+    _fill(page, "steps", TINY["steps"])
+
+
+def test_browser_head_guidance_presets_and_generation(page, tmp_path):
+    page.get_by_role("tab", name="Head guidance").click()
+    page.locator("#layer-0").get_by_label("1").check()
+    page.locator("#layer-5").get_by_label("2").check()
+    slider = page.locator("#g-u input[type=number]")
+    slider.fill("0.8")
+    slider.press("Enter")
+    page.click("#run-guided")
+    info = page.locator("#guided-info")
+    info.get_by_text(re.compile("max \\|diff\\|")).wait_for(timeout=300000)
+    diff = float(re.search(r"max \|diff\| = ([\d.]+)", info.inner_text()).group(1))
+    assert diff > 0  # the guided output differs from the unguided one
+    assert page.locator("#out-unguided img").count() == 1 and page.locator("#out-guided img").count() == 1
+    _shot(page, "guidance")
+
+    preset = tmp_path / "heads.json"
+    _fill(page, "preset-path", preset)
+    page.click("#save-preset")
+    page.locator("#preset-info").get_by_text("Saved 2 heads").wait_for(timeout=60000)
+    saved = json.loads(preset.read_text())
+    assert saved["heads"] == {"0": [1], "5": [2]} and saved["strength"] == pytest.approx(0.8)
+    page.locator("#layer-0").get_by_label("1").uncheck()
+    page.locator("#layer-5").get_by_label("2").uncheck()
+    page.click("#load-preset")
+    page.locator("#preset-info").get_by_text("Loaded 2 heads").wait_for(timeout=60000)
+    assert page.locator("#layer-0").get_by_label("1").is_checked()
+    assert page.locator("#layer-5").get_by_label("2").is_checked()
+
+
+def test_browser_evals_tab_runs_and_shows_the_report(page):
+    page.get_by_role("tab", name="Evals").click()
+    _fill(page, "e-suite", "shapes-heldout:1")
+    _fill(page, "e-name", "browser-eval")
+    # Dense only: under the Triton interpreter the tests run, a sparse kernel on CPU takes minutes
+    page.locator("#e-configs .cm-content").fill(
+        "size: {num_frames: 5, height: 16, width: 16}\nsteps: 2\nconfigs:\n- {name: dense, attention: {method: Dense}}\n")
+    page.click("#run-eval")
+    page.locator("#e-report").get_by_text("dense").first.wait_for(timeout=600000)
+    assert "baseline" in page.locator("#e-report").inner_text()
+    _shot(page, "evals")
+
+
+def _lan_address():
+    """A non-loopback address of this machine, or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outgoing interface
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_the_main_command_serves_the_reference_model_on_localhost_only(tmp_path):
+    """`dit-accel ui` as the README runs it: the app comes up with the reference model loaded, on
+    127.0.0.1 only."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    log = tmp_path / "ui.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "dit_accel.cli", "ui", "--port", str(port), "--device", "cpu",
+                                 "--runs", str(tmp_path / "runs")], stdout=f, stderr=subprocess.STDOUT, env=env,
+                                cwd=tmp_path)
+    try:
+        deadline = time.time() + 300
+        while "Running on local URL" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert f"http://127.0.0.1:{port}" in log.read_text(), log.read_text()
+        config = urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30).read().decode()
+        assert "Pipeline: `reference` (ShapesPipeline)" in config
+        lan = _lan_address()
+        if lan is not None:
+            with pytest.raises(OSError):
+                socket.create_connection((lan, port), timeout=5).close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
