@@ -279,3 +279,14 @@ def test_the_main_command_serves_the_reference_model_on_localhost_only(tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_headhunt_from_the_app_saves_a_loadable_preset_with_its_effect_map(studio):
+    res = studio.headhunt(prompts=1, rounds=1, objective="contrast", steps=1, num_frames=5, height=16, width=16,
+                          guidance_scale=1.0, progress=False)
+    data = studio.load_preset(res["preset"])
+    assert data["heads"] == res["heads"] and data["effect_map"] == res["effect_map"]
+    values = [v for row in res["effect_map"]["values"] for v in row]
+    assert len(values) == 32 and all(v is not None for v in values)  # every head of the reference model scored
+    with pytest.raises(UIError, match="objective 'clip:/nowhere'"):
+        studio.headhunt(objective="clip:/nowhere")
