@@ -96,6 +96,11 @@ def _pick_frames(video) -> list[np.ndarray]:
     return [np.round(frames[i] * 255).astype(np.uint8) for i in idx]
 
 
+def _embeds(out) -> torch.Tensor:
+    """Projected CLIP embeddings: a tensor (transformers 4) or an output whose pooler_output holds them (5)."""
+    return (out if isinstance(out, torch.Tensor) else out.pooler_output).float()
+
+
 def _clip_objective(path: str, learned_scale: bool) -> Objective:
     from transformers import AutoProcessor, CLIPModel
 
@@ -108,9 +113,9 @@ def _clip_objective(path: str, learned_scale: bool) -> Objective:
         for video, prompt in zip(videos, prompts, strict=True):
             frames = _pick_frames(video)
             inputs = processor(text=[prompt], images=frames, return_tensors="pt", padding=True, truncation=True)
-            image = F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]).float(), dim=-1)
-            text = F.normalize(model.get_text_features(input_ids=inputs["input_ids"],
-                                                       attention_mask=inputs.get("attention_mask")).float(), dim=-1)
+            image = F.normalize(_embeds(model.get_image_features(pixel_values=inputs["pixel_values"])), dim=-1)
+            text = F.normalize(_embeds(model.get_text_features(input_ids=inputs["input_ids"],
+                                                               attention_mask=inputs.get("attention_mask"))), dim=-1)
             scale = float(model.logit_scale.exp()) if learned_scale else 100.0
             out.append(float((scale * image @ text.T).mean()))
         return out
