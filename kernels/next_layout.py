@@ -5,7 +5,9 @@ For every (batch, head, query tile) row: of the key tiles the row visited, keep 
 gaps and at most the ``k_max`` largest (equal gaps rank by visiting order, earlier first, so the
 bounds are exact: gaps saturate at 0 for every tile that holds some row's maximum); text key tiles
 and text query rows (tiles from ``text_tile`` on) keep everything they visited. The result is a bool
-``[B, H, n_q, n_k]`` tile mask. :func:`next_mask_reference` is the PyTorch twin (same signature).
+``[B, H, n_q, n_k]`` tile mask. :func:`next_blocks` returns the same selection directly as the next
+layout (blocks and counts), so no mask has to be compacted. :func:`next_mask_reference` and
+:func:`next_blocks_reference` are the PyTorch twins (same signatures).
 """
 
 from __future__ import annotations
@@ -37,10 +39,9 @@ def _rank_key(g: torch.Tensor) -> torch.Tensor:
     return (mono.long() << 32) | (g.shape[-1] - pos)
 
 
-def next_mask_reference(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_max: int,
-                        text_tile: int | None = None) -> torch.Tensor:
-    """PyTorch twin of :func:`next_mask`."""
-    _check(gap, blocks, counts, n_k, k_min, k_max)
+def _keep(gap, blocks, counts, n_k, threshold, k_min, k_max, text_tile):
+    """Which visited entries survive ([B, H, n_q, W] bool, False past the counts), with the blocks
+    expanded to that shape (int64) and the live entries."""
     B, H, n_q, W = gap.shape
     text_tile = n_k if text_tile is None else text_tile
     blocks = blocks.long().expand(B, H, n_q, W)
@@ -53,6 +54,15 @@ def next_mask_reference(gap, blocks, counts, *, n_k: int, threshold: float, k_mi
     keep = ((g >= threshold) | (key >= k_lo)) & (key >= k_hi)
     text_row = (torch.arange(n_q, device=gap.device) >= text_tile)[:, None]
     keep = live & (keep | (blocks >= text_tile) | text_row)
+    return keep, blocks, live
+
+
+def next_mask_reference(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_max: int,
+                        text_tile: int | None = None) -> torch.Tensor:
+    """PyTorch twin of :func:`next_mask`."""
+    _check(gap, blocks, counts, n_k, k_min, k_max)
+    B, H, n_q, W = gap.shape
+    keep, blocks, live = _keep(gap, blocks, counts, n_k, threshold, k_min, k_max, text_tile)
     target = torch.where(live, blocks, torch.full_like(blocks, n_k))  # entries past the count: spare column
     mask = torch.zeros(B, H, n_q, n_k + 1, dtype=torch.bool, device=gap.device)
     return mask.scatter_(-1, target, keep)[..., :n_k].contiguous()
@@ -61,8 +71,8 @@ def next_mask_reference(gap, blocks, counts, *, n_k: int, threshold: float, k_mi
 if triton is not None:
 
     @triton.jit
-    def _next_mask_kernel(Gap, Blocks, Counts, Mask, threshold, H, N_Q, W, N_K, TEXT_TILE, K_MIN, K_MAX,
-                          sbb, sbh, scb, sch, W_PAD: tl.constexpr):
+    def _next_mask_kernel(Gap, Blocks, Counts, Mask, CountsOut, threshold, H, N_Q, W, N_K, TEXT_TILE, K_MIN, K_MAX,
+                          sbb, sbh, scb, sch, W_PAD: tl.constexpr, COMPACT: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -83,7 +93,12 @@ if triton is not None:
         k_hi = tl.sum(tl.where(offs == tl.minimum(K_MAX, W) - 1, ranked, 0), 0)
         keep = ((g >= threshold) | (key >= k_lo)) & (key >= k_hi)
         keep = live & (keep | (blk >= TEXT_TILE) | (pid_m >= TEXT_TILE))
-        tl.store(Mask + row * N_K + blk, keep.to(tl.int8), mask=live)
+        if COMPACT:  # the kept entries, in visiting order, as the next layout's blocks and counts
+            kept = keep.to(tl.int32)
+            tl.store(Mask + row * W + tl.cumsum(kept, 0) - 1, blk, mask=kept > 0)
+            tl.store(CountsOut + row, tl.sum(kept, 0))
+        else:
+            tl.store(Mask + row * N_K + blk, keep.to(tl.int8), mask=live)
 
 
 def next_mask(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_max: int,
@@ -102,6 +117,13 @@ def next_mask(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_
     if not triton_usable(gap):
         return next_mask_reference(gap, blocks, counts, n_k=n_k, threshold=threshold, k_min=k_min, k_max=k_max,
                                    text_tile=text_tile)
+    B, H, n_q, W = gap.shape
+    mask = torch.zeros(B, H, n_q, n_k, dtype=torch.int8, device=gap.device)
+    _launch(gap, blocks, counts, mask, mask, n_k, threshold, k_min, k_max, text_tile, compact=False)
+    return mask.view(torch.bool)
+
+
+def _launch(gap, blocks, counts, out, counts_out, n_k, threshold, k_min, k_max, text_tile, compact: bool) -> None:
     _check(gap, blocks, counts, n_k, k_min, k_max)
     B, H, n_q, W = gap.shape
     gap = gap.float().contiguous()
@@ -109,9 +131,36 @@ def next_mask(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_
     if blocks.stride(-1) != 1 or blocks.stride(-2) != W:
         blocks = blocks.contiguous()
     counts = counts.to(torch.int32)
-    mask = torch.zeros(B, H, n_q, n_k, dtype=torch.int8, device=gap.device)
     _next_mask_kernel[(n_q, B * H)](
-        gap, blocks, counts, mask, float(threshold), H, n_q, W, n_k, n_k if text_tile is None else text_tile,
-        k_min, k_max, *lead_strides(blocks), *lead_strides(counts), W_PAD=max(16, triton.next_power_of_2(W)), num_warps=4,
+        gap, blocks, counts, out, counts_out, float(threshold), H, n_q, W, n_k,
+        n_k if text_tile is None else text_tile, k_min, k_max, *lead_strides(blocks), *lead_strides(counts),
+        W_PAD=max(16, triton.next_power_of_2(W)), COMPACT=compact, num_warps=4,
     )
-    return mask.view(torch.bool)
+
+
+def next_blocks_reference(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_max: int,
+                          text_tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch twin of :func:`next_blocks`."""
+    _check(gap, blocks, counts, n_k, k_min, k_max)
+    W = gap.shape[-1]
+    keep, blocks, _ = _keep(gap, blocks, counts, n_k, threshold, k_min, k_max, text_tile)
+    pos = torch.arange(W, device=gap.device)
+    order = torch.where(keep, pos, pos + W).argsort(-1)  # kept entries first, in visiting order
+    kept = keep.sum(-1, dtype=torch.int32)
+    out = torch.where(pos < kept[..., None], blocks.gather(-1, order), 0)
+    return out.to(torch.int32).contiguous(), kept.contiguous()
+
+
+def next_blocks(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_max: int,
+                text_tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next step's layout directly as (blocks, counts), without the tile mask: the entries
+    :func:`next_mask` keeps, in the order they were visited, int32 ``[B, H, n_q, width]`` (zeros past
+    the count) and ``[B, H, n_q]``. Same arguments as :func:`next_mask`; one kernel launch."""
+    if not triton_usable(gap):
+        return next_blocks_reference(gap, blocks, counts, n_k=n_k, threshold=threshold, k_min=k_min, k_max=k_max,
+                                     text_tile=text_tile)
+    B, H, n_q, W = gap.shape
+    out = torch.zeros(B, H, n_q, W, dtype=torch.int32, device=gap.device)
+    kept = torch.empty(B, H, n_q, dtype=torch.int32, device=gap.device)
+    _launch(gap, blocks, counts, out, kept, n_k, threshold, k_min, k_max, text_tile, compact=True)
+    return out, kept

@@ -147,10 +147,11 @@ def test_temporal_sparse_skips_what_the_gap_marks():
     full = bs.tiles_to_blocks(torch.ones(1, 1, order.tile_len.numel(), order.tile_len.numel(), dtype=torch.bool))
     _, gap = bs.block_sparse_attention_reference(order.gather(q), order.gather(k), order.gather(v), *full,
                                                  tile_len=order.tile_len, return_gap=True, block_m=128, block_n=128)
-    assert torch.equal(state["mask"], gap >= -8.0)
-    assert not state["mask"].all()
+    n = order.tile_len.numel()
+    assert torch.equal(method.tile_mask(state, n), gap >= -8.0)
+    assert not method.tile_mask(state, n).all()
+    mask = method.tile_mask(state, n)
     out = method(q, k, v, None, _call(grid, step=1, state=state))
-    mask = state["mask"]
     slot = bs.blocks_to_mask(*bs.tiles_to_blocks(mask), order.length, order.length)
     token = slot[..., order.inverse, :][..., order.inverse]
     assert (out.double() - _float64_masked(q, k, v, token)).abs().max() < 1e-4
@@ -170,7 +171,8 @@ def test_temporal_sparse_density_floor_and_ceiling():
                                           max_density=hi, tile=(1, 8, 8))
         state = {}
         method(q, k, v, None, _call(grid, state=state))
-        kept = state["mask"].sum(-1)
+        kept = state["counts"]
+        assert torch.equal(kept, method.tile_mask(state, n).sum(-1, dtype=torch.int32))
         assert (kept >= math.ceil(lo * n)).all() and (kept <= math.ceil(hi * n)).all()
 
 

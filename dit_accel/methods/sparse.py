@@ -21,13 +21,20 @@ from ..kernels.block_sparse import (
     block_sparse_attention,
     tiles_to_blocks,
 )
-from ..kernels.next_layout import next_mask
+from ..kernels.next_layout import next_blocks
 from ..kernels.tile_order import TileOrder, tile_order, window_tiles
 from ..layout import AttentionCall
 from .base import AttentionMethod
 from .dense import Dense
 
 logger = logging.getLogger("dit_accel")
+
+
+def _full_layout(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every key tile for every query tile: (blocks ``[1, 1, n, n]``, counts ``[1, 1, n]``), int32,
+    broadcast over batch and heads."""
+    blocks = torch.arange(n, dtype=torch.int32, device=device).repeat(1, 1, n, 1)
+    return blocks, torch.full((1, 1, n), n, dtype=torch.int32, device=device)
 
 
 def _tokens(order: TileOrder) -> int:
@@ -90,6 +97,14 @@ class _TiledSparse(AttentionMethod):
         lens = order.tile_len.float()
         pairs = torch.einsum("bhqk,q,k->", tile_mask.float(), lens, lens)
         pairs = pairs * (rows // (tile_mask.shape[0] * tile_mask.shape[1]))
+        self._pairs = [self._pairs[0] + pairs, self._pairs[1] + rows * _tokens(order) ** 2]
+
+    def _count_blocks(self, blocks: torch.Tensor, counts: torch.Tensor, order: TileOrder, rows: int) -> None:
+        """As `_count`, for a layout (blocks ``[b, h, n, w]``, counts ``[b, h, n]``)."""
+        lens = order.tile_len.float()
+        live = torch.arange(blocks.shape[-1], device=blocks.device) < counts[..., None]
+        per_row = (lens[blocks.long()] * live).sum(-1)  # keys each query tile visits
+        pairs = (per_row * lens).sum() * (rows // (blocks.shape[0] * blocks.shape[1]))
         self._pairs = [self._pairs[0] + pairs, self._pairs[1] + rows * _tokens(order) ** 2]
 
     def _count_full(self, order: TileOrder, rows: int) -> None:
@@ -253,35 +268,44 @@ class TemporalSparse(_TiledSparse):
         since = step - self.warmup_steps
         full_now = (step < self.warmup_steps or "mask" not in state
                     or (self.refresh_every > 0 and since > 0 and since % self.refresh_every == 0))
-        full = torch.ones((), dtype=torch.bool, device=query.device).expand(B, H, n, n)
+        if "full" not in state:  # state is per layer, branch and shape: built once
+            state["full"] = _full_layout(n, query.device)
+        full = state["full"]
         if full_now:
-            mask = full
+            blocks, counts = full
             self._count_full(order, B * H)
         else:
-            mask = state["mask"]
-            self._count(mask, order, B * H)
-        blocks, counts = tiles_to_blocks(mask, width=n)
+            blocks, counts = state["blocks"], state["counts"]
+            self._count_blocks(blocks, counts, order, B * H)
         out, lse, gap = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
                                                seq_index=order.index, return_lse=True, return_gap=True)
         self._update(state, gap, lse, blocks, counts, order, full_now, full)
         return out
 
     def _update(self, state: dict, gap, lse, blocks, counts, order: TileOrder, full_now: bool, full) -> None:
-        """After a pass: the next step's tile mask from the gaps, and the error-triggered refresh
-        (this and `tiles_to_blocks` are the method's bookkeeping, timed in benchmarks/sparse.py)."""
-        state["mask"] = self._next_mask(gap, blocks, counts, order)
+        """After a pass: the next step's layout from the gaps, and the error-triggered refresh (the
+        method's bookkeeping, timed in benchmarks/sparse.py). ``full``: the every-tile layout."""
+        state["blocks"], state["counts"] = self._next_blocks(gap, blocks, counts, order)
         if self.refresh_tol is not None:
             if full_now:
                 state["lse"] = lse
             elif "lse" in state:
-                drop = (state["lse"] - lse).clamp_min(0).nan_to_num(0.0).mean()
-                state["mask"] = torch.where(drop > self.refresh_tol, full, state["mask"])
+                drop = (state["lse"] - lse).clamp_min(0).nan_to_num(0.0).mean() > self.refresh_tol
+                state["blocks"] = torch.where(drop, full[0], state["blocks"])
+                state["counts"] = torch.where(drop, full[1], state["counts"])
 
-    def _next_mask(self, gap, blocks, counts, order: TileOrder) -> torch.Tensor:
-        """Tiles to visit at the next step: the visited ones at or above the threshold, within the
-        density floor and ceiling (exact counts: equal gaps rank by visiting order), text tiles always;
-        one kernel launch."""
+    def _next_blocks(self, gap, blocks, counts, order: TileOrder) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tiles to visit at the next step, as a layout: the visited ones at or above the threshold,
+        within the density floor and ceiling (exact counts: equal gaps rank by visiting order), text
+        tiles always; one kernel launch, no mask to compact."""
         n = order.tile_len.numel()
-        return next_mask(gap, blocks, counts, n_k=n, threshold=self.threshold,
-                         k_min=max(1, math.ceil(self.min_density * n)), k_max=max(1, math.ceil(self.max_density * n)),
-                         text_tile=order.video_tiles if order.text else None)
+        return next_blocks(gap, blocks, counts, n_k=n, threshold=self.threshold,
+                           k_min=max(1, math.ceil(self.min_density * n)), k_max=max(1, math.ceil(self.max_density * n)),
+                           text_tile=order.video_tiles if order.text else None)
+
+    def tile_mask(self, state: dict, n: int) -> torch.Tensor:
+        """The bool ``[B, H, n, n]`` tile mask of the layout ``state`` holds for the next step."""
+        blocks, counts = state["blocks"].long(), state["counts"]
+        live = torch.arange(blocks.shape[-1], device=blocks.device) < counts[..., None]
+        mask = torch.zeros(*blocks.shape[:-1], n + 1, dtype=torch.bool, device=blocks.device)
+        return mask.scatter_(-1, torch.where(live, blocks, n), live)[..., :n]
