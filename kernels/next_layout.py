@@ -12,6 +12,8 @@ layout (blocks and counts), so no mask has to be compacted. :func:`next_mask_ref
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .block_sparse import lead_strides, triton, triton_usable
@@ -71,8 +73,9 @@ def next_mask_reference(gap, blocks, counts, *, n_k: int, threshold: float, k_mi
 if triton is not None:
 
     @triton.jit
-    def _next_mask_kernel(Gap, Blocks, Counts, Mask, CountsOut, threshold, H, N_Q, W, N_K, TEXT_TILE, K_MIN, K_MAX,
-                          sbb, sbh, scb, sch, W_PAD: tl.constexpr, COMPACT: tl.constexpr):
+    def _next_mask_kernel(Gap, Blocks, Counts, Mask, CountsOut, TileLen, RowPairs, Refresh, threshold, H, N_Q, W,
+                          N_K, TEXT_TILE, K_MIN, K_MAX, sbb, sbh, scb, sch, W_PAD: tl.constexpr,
+                          COMPACT: tl.constexpr, PAIRS: tl.constexpr, REFRESH: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -93,10 +96,21 @@ if triton is not None:
         k_hi = tl.sum(tl.where(offs == tl.minimum(K_MAX, W) - 1, ranked, 0), 0)
         keep = ((g >= threshold) | (key >= k_lo)) & (key >= k_hi)
         keep = live & (keep | (blk >= TEXT_TILE) | (pid_m >= TEXT_TILE))
+        if PAIRS:  # (query, key) token pairs this row computed in the layout just run
+            lens = tl.load(TileLen + blk, mask=live, other=0).to(tl.float32)
+            tl.store(RowPairs + row, tl.sum(lens, 0) * tl.load(TileLen + pid_m).to(tl.float32))
         if COMPACT:  # the kept entries, in visiting order, as the next layout's blocks and counts
             kept = keep.to(tl.int32)
-            tl.store(Mask + row * W + tl.cumsum(kept, 0) - 1, blk, mask=kept > 0)
-            tl.store(CountsOut + row, tl.sum(kept, 0))
+            pos = tl.cumsum(kept, 0) - 1
+            total = tl.sum(kept, 0)
+            if REFRESH:  # the refresh flag set: every key tile instead
+                full = tl.load(Refresh) != 0
+                kept = tl.where(full, (offs < N_K).to(tl.int32), kept)
+                pos = tl.where(full, offs, pos)
+                blk = tl.where(full, offs, blk)
+                total = tl.where(full, N_K, total)
+            tl.store(Mask + row * W + pos, blk, mask=kept > 0)
+            tl.store(CountsOut + row, total)
         else:
             tl.store(Mask + row * N_K + blk, keep.to(tl.int8), mask=live)
 
@@ -123,7 +137,8 @@ def next_mask(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_
     return mask.view(torch.bool)
 
 
-def _launch(gap, blocks, counts, out, counts_out, n_k, threshold, k_min, k_max, text_tile, compact: bool) -> None:
+def _launch(gap, blocks, counts, out, counts_out, n_k, threshold, k_min, k_max, text_tile, compact: bool,
+            tile_len=None, pairs=None, refresh=None) -> None:
     _check(gap, blocks, counts, n_k, k_min, k_max)
     B, H, n_q, W = gap.shape
     gap = gap.float().contiguous()
@@ -131,36 +146,73 @@ def _launch(gap, blocks, counts, out, counts_out, n_k, threshold, k_min, k_max, 
     if blocks.stride(-1) != 1 or blocks.stride(-2) != W:
         blocks = blocks.contiguous()
     counts = counts.to(torch.int32)
+    lens = tile_len.to(device=gap.device, dtype=torch.int32).contiguous() if tile_len is not None else counts
+    flag = refresh.to(device=gap.device, dtype=torch.int32).reshape(1) if refresh is not None else counts
     _next_mask_kernel[(n_q, B * H)](
-        gap, blocks, counts, out, counts_out, float(threshold), H, n_q, W, n_k,
-        n_k if text_tile is None else text_tile, k_min, k_max, *lead_strides(blocks), *lead_strides(counts),
-        W_PAD=max(16, triton.next_power_of_2(W)), COMPACT=compact, num_warps=4,
+        gap, blocks, counts, out, counts_out, lens, pairs if pairs is not None else gap, flag, float(threshold), H,
+        n_q, W, n_k, n_k if text_tile is None else text_tile, k_min, k_max, *lead_strides(blocks),
+        *lead_strides(counts), W_PAD=max(16, triton.next_power_of_2(W)), COMPACT=compact, PAIRS=pairs is not None,
+        REFRESH=refresh is not None, num_warps=4,
     )
 
 
+class NextLayout(NamedTuple):
+    blocks: torch.Tensor  # int32 [B, H, n_q, width], zeros past the count
+    counts: torch.Tensor  # int32 [B, H, n_q]
+    pairs: torch.Tensor | None  # float32 [B, H, n_q]: token pairs each row computed in the input layout
+
+
+def _check_next(gap, n_k, tile_len, refresh) -> None:
+    if refresh is not None and gap.shape[-1] < n_k:
+        raise ValueError(f"refresh: the full layout needs width >= n_k={n_k}, got width {gap.shape[-1]}")
+    if refresh is not None and refresh.numel() != 1:
+        raise ValueError(f"refresh: expected a one-element bool tensor, got shape {tuple(refresh.shape)}")
+    if tile_len is not None and tile_len.numel() != max(n_k, gap.shape[2]):
+        raise ValueError(f"tile_len: expected {max(n_k, gap.shape[2])} tile lengths, got {tile_len.numel()}")
+
+
 def next_blocks_reference(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_max: int,
-                          text_tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          text_tile: int | None = None, tile_len=None, refresh=None) -> NextLayout:
     """PyTorch twin of :func:`next_blocks`."""
     _check(gap, blocks, counts, n_k, k_min, k_max)
-    W = gap.shape[-1]
-    keep, blocks, _ = _keep(gap, blocks, counts, n_k, threshold, k_min, k_max, text_tile)
+    _check_next(gap, n_k, tile_len, refresh)
+    B, H, n_q, W = gap.shape
+    keep, blocks, live = _keep(gap, blocks, counts, n_k, threshold, k_min, k_max, text_tile)
     pos = torch.arange(W, device=gap.device)
     order = torch.where(keep, pos, pos + W).argsort(-1)  # kept entries first, in visiting order
     kept = keep.sum(-1, dtype=torch.int32)
-    out = torch.where(pos < kept[..., None], blocks.gather(-1, order), 0)
-    return out.to(torch.int32).contiguous(), kept.contiguous()
+    out = torch.where(pos < kept[..., None], blocks.gather(-1, order), 0).to(torch.int32)
+    pairs = None
+    if tile_len is not None:
+        lens = tile_len.to(gap.device).float()
+        pairs = (lens[blocks] * live).sum(-1) * lens[:n_q]
+    if refresh is not None:
+        full = torch.where(pos < n_k, pos, 0).to(torch.int32).expand(B, H, n_q, W)
+        out = torch.where(refresh.reshape(()).to(gap.device), full, out)
+        kept = torch.where(refresh.reshape(()).to(gap.device), torch.full_like(kept, n_k), kept)
+    return NextLayout(out.contiguous(), kept.contiguous(), pairs)
 
 
 def next_blocks(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_max: int,
-                text_tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                text_tile: int | None = None, tile_len=None, refresh=None) -> NextLayout:
     """The next step's layout directly as (blocks, counts), without the tile mask: the entries
     :func:`next_mask` keeps, in the order they were visited, int32 ``[B, H, n_q, width]`` (zeros past
-    the count) and ``[B, H, n_q]``. Same arguments as :func:`next_mask`; one kernel launch."""
+    the count) and ``[B, H, n_q]``. Same arguments as :func:`next_mask`, plus, folded into the same
+    kernel launch:
+
+    - ``tile_len``: int ``[n_tiles]`` tokens per tile; then ``pairs`` holds, per row, the (query,
+      key) token pairs the input layout computed (for density statistics without another pass);
+    - ``refresh``: a one-element bool tensor (on the device: no host sync); where true, the next
+      layout is every key tile (needs ``width >= n_k``).
+    """
     if not triton_usable(gap):
         return next_blocks_reference(gap, blocks, counts, n_k=n_k, threshold=threshold, k_min=k_min, k_max=k_max,
-                                     text_tile=text_tile)
+                                     text_tile=text_tile, tile_len=tile_len, refresh=refresh)
+    _check_next(gap, n_k, tile_len, refresh)
     B, H, n_q, W = gap.shape
     out = torch.zeros(B, H, n_q, W, dtype=torch.int32, device=gap.device)
     kept = torch.empty(B, H, n_q, dtype=torch.int32, device=gap.device)
-    _launch(gap, blocks, counts, out, kept, n_k, threshold, k_min, k_max, text_tile, compact=True)
-    return out, kept
+    pairs = torch.empty(B, H, n_q, dtype=torch.float32, device=gap.device) if tile_len is not None else None
+    _launch(gap, blocks, counts, out, kept, n_k, threshold, k_min, k_max, text_tile, compact=True,
+            tile_len=tile_len, pairs=pairs, refresh=refresh)
+    return NextLayout(out, kept, pairs)

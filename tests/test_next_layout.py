@@ -121,7 +121,21 @@ def test_next_blocks_is_the_next_mask_compacted_in_visiting_order(threshold, k_m
                 kept = [int(t) for t in blocks[b, h, m, : int(counts[b, h, m])] if mask[b, h, m, int(t)]]
                 want_b[b, h, m, : len(kept)] = torch.tensor(kept, dtype=torch.int32)
                 want_c[b, h, m] = len(kept)
+    tile_len = torch.randint(1, 129, (n,), generator=g)
+    want_pairs = torch.zeros(B, H, n)
+    for b in range(B):
+        for h in range(H):
+            for m in range(n):
+                visited = blocks[b, h, m, : int(counts[b, h, m])].long()
+                want_pairs[b, h, m] = float(tile_len[m]) * float(tile_len[visited].sum())
+    every = torch.arange(n, dtype=torch.int32).expand(B, H, n, n)
     for name, fn in (("twin", next_blocks_reference), ("kernel", next_blocks)):  # TRITON_INTERPRET=1: the kernel
-        got_b, got_c = fn(gap, blocks, counts, **kw)
-        assert torch.equal(got_c, want_c), f"{name}: counts differ (seed {seed})"
-        assert torch.equal(got_b, want_b), f"{name}: blocks differ (seed {seed})"
+        got = fn(gap, blocks, counts, **kw)
+        assert torch.equal(got.counts, want_c), f"{name}: counts differ (seed {seed})"
+        assert torch.equal(got.blocks, want_b), f"{name}: blocks differ (seed {seed})"
+        assert got.pairs is None
+        for flag in (False, True):  # the refresh flag: every tile next time; pairs count the layout just run
+            got = fn(gap, blocks, counts, **kw, tile_len=tile_len, refresh=torch.tensor(flag))
+            assert torch.equal(got.pairs, want_pairs), f"{name}: pairs differ (seed {seed})"
+            assert torch.equal(got.blocks, every if flag else want_b), f"{name}: refresh={flag} (seed {seed})"
+            assert torch.equal(got.counts, torch.full_like(want_c, n) if flag else want_c)

@@ -151,7 +151,11 @@ def test_temporal_sparse_skips_what_the_gap_marks():
     assert torch.equal(method.tile_mask(state, n), gap >= -8.0)
     assert not method.tile_mask(state, n).all()
     mask = method.tile_mask(state, n)
+    method.reset_stats()
     out = method(q, k, v, None, _call(grid, step=1, state=state))
+    lens = order.tile_len.double()  # density: the token pairs of the tiles run, over all pairs
+    expect = torch.einsum("bhqk,q,k->", mask.double(), lens, lens) / (mask.shape[0] * mask.shape[1] * S**2)
+    assert float(method.density()) == pytest.approx(float(expect), rel=1e-6)
     slot = bs.blocks_to_mask(*bs.tiles_to_blocks(mask), order.length, order.length)
     token = slot[..., order.inverse, :][..., order.inverse]
     assert (out.double() - _float64_masked(q, k, v, token)).abs().max() < 1e-4

@@ -99,14 +99,6 @@ class _TiledSparse(AttentionMethod):
         pairs = pairs * (rows // (tile_mask.shape[0] * tile_mask.shape[1]))
         self._pairs = [self._pairs[0] + pairs, self._pairs[1] + rows * _tokens(order) ** 2]
 
-    def _count_blocks(self, blocks: torch.Tensor, counts: torch.Tensor, order: TileOrder, rows: int) -> None:
-        """As `_count`, for a layout (blocks ``[b, h, n, w]``, counts ``[b, h, n]``)."""
-        lens = order.tile_len.float()
-        live = torch.arange(blocks.shape[-1], device=blocks.device) < counts[..., None]
-        per_row = (lens[blocks.long()] * live).sum(-1)  # keys each query tile visits
-        pairs = (per_row * lens).sum() * (rows // (blocks.shape[0] * blocks.shape[1]))
-        self._pairs = [self._pairs[0] + pairs, self._pairs[1] + rows * _tokens(order) ** 2]
-
     def _count_full(self, order: TileOrder, rows: int) -> None:
         """Add one call that computes every pair (dense steps and layers, full passes)."""
         total = rows * _tokens(order) ** 2
@@ -266,42 +258,40 @@ class TemporalSparse(_TiledSparse):
         state = call.state
         step = call.layout.step_index
         since = step - self.warmup_steps
-        full_now = (step < self.warmup_steps or "mask" not in state
+        full_now = (step < self.warmup_steps or "blocks" not in state
                     or (self.refresh_every > 0 and since > 0 and since % self.refresh_every == 0))
         if "full" not in state:  # state is per layer, branch and shape: built once
             state["full"] = _full_layout(n, query.device)
         full = state["full"]
+        blocks, counts = full if full_now else (state["blocks"], state["counts"])
         if full_now:
-            blocks, counts = full
             self._count_full(order, B * H)
-        else:
-            blocks, counts = state["blocks"], state["counts"]
-            self._count_blocks(blocks, counts, order, B * H)
         out, lse, gap = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
                                                seq_index=order.index, return_lse=True, return_gap=True)
-        self._update(state, gap, lse, blocks, counts, order, full_now, full)
+        self._update(state, gap, lse, blocks, counts, order, full_now, B * H)
         return out
 
-    def _update(self, state: dict, gap, lse, blocks, counts, order: TileOrder, full_now: bool, full) -> None:
-        """After a pass: the next step's layout from the gaps, and the error-triggered refresh (the
-        method's bookkeeping, timed in benchmarks/sparse.py). ``full``: the every-tile layout."""
-        state["blocks"], state["counts"] = self._next_blocks(gap, blocks, counts, order)
+    def _update(self, state: dict, gap, lse, blocks, counts, order: TileOrder, full_now: bool, rows: int) -> None:
+        """After a pass, in one kernel launch: the next step's layout from the gaps (the visited tiles
+        at or above the threshold, within the density floor and ceiling, exact counts as equal gaps
+        rank by visiting order, text tiles always), the error-triggered refresh (every tile next time
+        when the LSE dropped by more than ``refresh_tol`` on average) and the pairs this pass computed.
+        This is the method's whole per-call bookkeeping, timed in benchmarks/sparse.py."""
+        n = order.tile_len.numel()
+        refresh = None
         if self.refresh_tol is not None:
             if full_now:
                 state["lse"] = lse
             elif "lse" in state:
-                drop = (state["lse"] - lse).clamp_min(0).nan_to_num(0.0).mean() > self.refresh_tol
-                state["blocks"] = torch.where(drop, full[0], state["blocks"])
-                state["counts"] = torch.where(drop, full[1], state["counts"])
-
-    def _next_blocks(self, gap, blocks, counts, order: TileOrder) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tiles to visit at the next step, as a layout: the visited ones at or above the threshold,
-        within the density floor and ceiling (exact counts: equal gaps rank by visiting order), text
-        tiles always; one kernel launch, no mask to compact."""
-        n = order.tile_len.numel()
-        return next_blocks(gap, blocks, counts, n_k=n, threshold=self.threshold,
-                           k_min=max(1, math.ceil(self.min_density * n)), k_max=max(1, math.ceil(self.max_density * n)),
-                           text_tile=order.video_tiles if order.text else None)
+                refresh = (state["lse"] - lse).clamp_min(0).nan_to_num(0.0).mean() > self.refresh_tol
+        nxt = next_blocks(gap, blocks, counts, n_k=n, threshold=self.threshold,
+                          k_min=max(1, math.ceil(self.min_density * n)), k_max=max(1, math.ceil(self.max_density * n)),
+                          text_tile=order.video_tiles if order.text else None, refresh=refresh,
+                          tile_len=None if full_now else order.tile_len)
+        state["blocks"], state["counts"] = nxt.blocks, nxt.counts
+        if not full_now:  # pairs stay on the device (no host sync)
+            self._pairs = [self._pairs[0] + nxt.pairs.sum() * (rows // (gap.shape[0] * gap.shape[1])),
+                           self._pairs[1] + rows * _tokens(order) ** 2]
 
     def tile_mask(self, state: dict, n: int) -> torch.Tensor:
         """The bool ``[B, H, n, n]`` tile mask of the layout ``state`` holds for the next step."""
