@@ -205,6 +205,10 @@ def run_headhunt_command(args) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"dit-accel headhunt: {exc}", file=sys.stderr)
         return 2
+    from dit_accel.evals.runner import _shard
+
+    if _shard()[0] != 0:  # one summary per search, from the main process
+        return 0
     print(f"unguided {args.objective}: {result.baseline:.4f}")
     for r in result.rounds:
         best = max(r["scores"].items(), key=lambda kv: kv[1])

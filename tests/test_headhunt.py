@@ -192,6 +192,7 @@ def test_two_processes_shard_the_candidates_and_agree_with_one(tmp_path):
              for r in (0, 1)]
     assert ranks[0] and ranks[1] and not ranks[0] & ranks[1]  # each set scored once, by one process
     assert len(ranks[0] | ranks[1]) == 1 + 8 + 7
+    assert two.stdout.count("chosen heads") == 1  # one summary, from the main process
 
 
 def test_cli_rejects_bad_input_before_loading(tmp_path):
