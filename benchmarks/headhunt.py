@@ -32,7 +32,6 @@ from dit_accel.evals.suites import load_suite
 from dit_accel.headhunt import _generate, _heads_dict, headhunt, perturbable_heads
 from dit_accel.pipelines import load_reference
 
-import dit_accel
 from dit_accel import SoftPAG
 
 
@@ -44,13 +43,8 @@ def _score(pipe, heads, items, args, cache: Path, name: str) -> dict:
         return done[key]
     prompts, seeds = [it["prompt"] for it in items], [it["seed"] for it in items]
     pag = SoftPAG(heads=heads, strength=args.strength, scale=args.scale) if heads else None
-    handle = dit_accel.apply(pipe, guidance=pag) if pag is not None else None
     t0 = time.perf_counter()
-    try:
-        videos = _generate(pipe, prompts, seeds, _pipeline_kwargs(args), args.batch_size)
-    finally:
-        if handle is not None:
-            handle.remove()
+    videos = _generate(pipe, prompts, seeds, _pipeline_kwargs(args), args.batch_size, guidance=pag)
     seconds = time.perf_counter() - t0
     summary = shapes.summarize([shapes.score_video(v, p) for v, p in zip(videos, prompts)])
     row = {"name": name, "heads": {str(k): list(v) for k, v in heads.items()}, "scores": checker_scores(videos, prompts),

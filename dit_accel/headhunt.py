@@ -138,16 +138,25 @@ def _check_settings(folder: Path, settings: dict, rank: int) -> None:
         _atomic_write(path, (json.dumps(settings, indent=1) + "\n").encode())
 
 
-def _generate(pipe, prompts, seeds, kwargs: dict, batch_size: int) -> list[np.ndarray]:
+def _generate(pipe, prompts, seeds, kwargs: dict, batch_size: int, guidance=None, attention=None) -> list[np.ndarray]:
+    """Generations of ``prompts`` (one seed each, ``batch_size`` per call) as frames rounded to 8
+    bits, with ``guidance`` (a SoftPAG) and ``attention`` installed for the duration."""
+    import dit_accel
+
     from .evals.metrics import to_frames
 
+    handle = dit_accel.apply(pipe, attention=attention, guidance=guidance) if (guidance or attention) else None
     device = torch.device(getattr(pipe, "_execution_device", "cpu"))
     videos = []
-    for i in range(0, len(prompts), batch_size):
-        gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds[i:i + batch_size]]
-        out = pipe(prompt=list(prompts[i:i + batch_size]), generator=gens, output_type="np", **kwargs)
-        batch = out.frames if hasattr(out, "frames") else out.images
-        videos += [np.round(to_frames(np.asarray(v)) * 255) / 255 for v in batch]
+    try:
+        for i in range(0, len(prompts), batch_size):
+            gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+            out = pipe(prompt=list(prompts[i:i + batch_size]), generator=gens, output_type="np", **kwargs)
+            batch = out.frames if hasattr(out, "frames") else out.images
+            videos += [np.round(to_frames(np.asarray(v)) * 255) / 255 for v in batch]
+    finally:
+        if handle is not None:
+            handle.remove()
     return videos
 
 
@@ -169,8 +178,7 @@ def _validate(prompts, seeds, rounds, top_k, strength, scale, rows, batch_size, 
     return seeds
 
 
-def _candidates(pipe, candidates) -> list[Head]:
-    available = perturbable_heads(pipe)
+def _candidates(available: dict[int, int], candidates) -> list[Head]:
     if candidates is None:
         return [(layer, h) for layer, n in available.items() for h in range(n)]
     out = []
@@ -212,7 +220,6 @@ def headhunt(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, o
         **pipeline_kwargs: passed to every pipeline call (``num_inference_steps``, ``guidance_scale``,
             ``height``, ``width``, ``num_frames``, ...).
     """
-    import dit_accel
 
     from .evals.objectives import check_objective, load_objective, objective_name
     from .evals.runner import _barrier, _shard
@@ -220,7 +227,8 @@ def headhunt(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, o
 
     seeds = _validate(prompts, seeds, rounds, top_k, strength, scale, rows, batch_size, min_gain)
     check_objective(objective)
-    pool = _candidates(pipe, candidates)
+    layers = perturbable_heads(pipe)
+    pool = _candidates(layers, candidates)
     rank, world = _shard()
     settings = json.loads(json.dumps({
         "pipeline": type(pipe).__name__, "transformer": dict(getattr(pipe.transformer, "config", {})),
@@ -244,12 +252,7 @@ def headhunt(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, o
             score_fn = load_objective(objective)
         t0 = time.perf_counter()
         pag = SoftPAG(heads=_heads_dict(heads), strength=strength, scale=scale, rows=rows) if heads else None
-        handle = dit_accel.apply(pipe, attention=attention, guidance=pag) if (pag or attention) else None
-        try:
-            videos = _generate(pipe, prompts, seeds, pipeline_kwargs, batch_size)
-        finally:
-            if handle is not None:
-                handle.remove()
+        videos = _generate(pipe, prompts, seeds, pipeline_kwargs, batch_size, guidance=pag, attention=attention)
         scores = [float(x) for x in score_fn(videos, list(prompts))]
         if len(scores) != len(prompts):
             raise ValueError(f"objective {objective_name(objective)}: returned {len(scores)} scores for "
@@ -308,7 +311,6 @@ def headhunt(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, o
         pipe.set_progress_bar_config(**saved_bar)
     if not best_set:
         logger.warning("headhunt: no head set beat the unguided score %.4f on these prompts", baseline)
-    layers = perturbable_heads(pipe)
     first = history[0]["scores"] if history else {}
     values = [[(first[f"{layer}.{h}"] - baseline) if f"{layer}.{h}" in first else None for h in range(n)]
               for layer, n in layers.items()]

@@ -28,23 +28,31 @@ def _loop_oracle(gap, blocks, counts, n_k, threshold, k_min, k_max, text_tile):
     return out
 
 
-@pytest.mark.parametrize(("threshold", "k_min", "k_max", "text"), [
+CASES = pytest.mark.parametrize(("threshold", "k_min", "k_max", "text"), [
     (-3.0, 1, 100, False),            # threshold only
     (100.0, 4, 100, False),           # the floor decides
     (-math.inf, 1, 3, True),          # the ceiling decides; text tiles and rows kept
     (-2.0, 2, 5, True),               # all three
 ])
+
+
+def _random_layout(g, B, H, n, text_tile):
+    """A random tile mask (diagonal kept; text rows and columns, from ``text_tile`` on, full) and its
+    layout."""
+    tiles = torch.rand(B, H, n, n, generator=g) < 0.6
+    tiles |= torch.eye(n, dtype=torch.bool)
+    tiles[..., text_tile:] = True
+    tiles[:, :, text_tile:] = True
+    return tiles, *bs.tiles_to_blocks(tiles, width=n)
+
+
+@CASES
 def test_next_mask_kernel_twin_and_loop_agree(threshold, k_min, k_max, text):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     g = torch.Generator().manual_seed(seed)
     B, H, n = 2, 3, 11
-    tiles = torch.rand(B, H, n, n, generator=g) < 0.6
-    tiles |= torch.eye(n, dtype=torch.bool)
     text_tile = 9 if text else n
-    if text:
-        tiles[..., text_tile:] = True
-        tiles[:, :, text_tile:] = True
-    blocks, counts = bs.tiles_to_blocks(tiles, width=n)
+    tiles, blocks, counts = _random_layout(g, B, H, n, text_tile)
     gap = -8 * torch.rand(B, H, n, n, generator=g)
     gap[..., 0] = 0.0
     gap[:, :, :, 1:4] = 0.0  # ties at 0, as tiles holding some row's maximum give
@@ -80,12 +88,7 @@ def test_bad_shapes_are_named():
         next_mask_reference(torch.zeros(1, 1, 3, 4), blocks, counts, n_k=3, threshold=0.0, k_min=1, k_max=3)
 
 
-@pytest.mark.parametrize(("threshold", "k_min", "k_max", "text"), [
-    (-3.0, 1, 100, False),
-    (100.0, 4, 100, False),
-    (-math.inf, 1, 3, True),
-    (-2.0, 2, 5, True),
-])
+@CASES
 def test_next_blocks_is_the_next_mask_compacted_in_visiting_order(threshold, k_min, k_max, text):
     """next_blocks (kernel and twin) against the loop oracle's mask, compacted here by hand: the kept
     tiles of every row in the order the row visited them, zeros after the count."""
@@ -94,13 +97,8 @@ def test_next_blocks_is_the_next_mask_compacted_in_visiting_order(threshold, k_m
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     g = torch.Generator().manual_seed(seed)
     B, H, n = 2, 3, 13
-    tiles = torch.rand(B, H, n, n, generator=g) < 0.6
-    tiles |= torch.eye(n, dtype=torch.bool)
     text_tile = 11 if text else n
-    if text:
-        tiles[..., text_tile:] = True
-        tiles[:, :, text_tile:] = True
-    blocks, counts = bs.tiles_to_blocks(tiles, width=n)
+    _, blocks, counts = _random_layout(g, B, H, n, text_tile)
     # a visiting order that is not increasing: each row's live entries reversed
     for b in range(B):
         for h in range(H):

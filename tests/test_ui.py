@@ -22,11 +22,10 @@ pytest.importorskip("gradio")
 from dit_accel.evals import metrics  # noqa: E402
 from dit_accel.pipelines import load_reference  # noqa: E402
 from dit_accel.ui.core import Studio, UIError  # noqa: E402
+from dit_accel.ui.screenshots import CHROMIUM_ARGS  # noqa: E402
 
 TINY = dict(steps=2, num_frames=5, height=16, width=16)
 PROMPT = "a red circle moving right on a dark blue background"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
