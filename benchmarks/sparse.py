@@ -46,9 +46,12 @@ SHAPES = {
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
 # launch configurations tried for the Triton kernel (knobs of block_sparse_attention_triton); 4 warps
-# lost everywhere at head_dim 128 in the first sweeps (results of 2dee894), so only 8 are swept
-CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws)
-           for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
+# lost everywhere at head_dim 128 in the first sweeps (results of 2dee894), so only 8 are swept;
+# TMA loads and warp specialization never won beyond noise (sparse-*-2026-11-23.json: --configs tma)
+CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, lazy_rescale=lazy)
+           for n, st, lazy in itertools.product((64, 128), (2, 3, 4), (False, True))]
+TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws)
+               for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
 
 
 def config_label(config: dict | None) -> str:
@@ -177,7 +180,8 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
     refresh check and the density count, in one launch)."""
     from dit_accel import TemporalSparse
 
-    order = tile_order(grid, None, text, False, torch.device("cuda"))
+    method = TemporalSparse(max_density=density, min_density=density, threshold=float("inf"))
+    order = tile_order(grid, None, text, False, torch.device("cuda"), packed=method.packed)
     seq = math.prod(grid) + text
     q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 
@@ -189,7 +193,6 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
         return order.scatter(qt)
 
     n = order.tile_len.numel()
-    method = TemporalSparse(max_density=density, min_density=density, threshold=float("inf"))
     mask = random_layout(order.length, heads, density, order.text, seed=7).cuda()
     blocks, counts = tiles_to_blocks(mask, width=n)
     _, lse, gap = block_sparse_attention(qt, kt, vt, blocks, counts, tile_len=order.tile_len, return_lse=True,
@@ -243,11 +246,13 @@ def step_methods() -> dict:
         "Neighborhood(window=(0.25, 0.5, 0.5)) ~10%": Neighborhood(window=(0.25, 0.5, 0.5)),
         "TemporalSparse(density 0.25)": TemporalSparse(min_density=0.25, max_density=0.25, **fixed),
         "TemporalSparse(density 0.10)": TemporalSparse(min_density=0.10, max_density=0.10, **fixed),
+        "TemporalSparse(density 0.25, packed=False)": TemporalSparse(min_density=0.25, max_density=0.25,
+                                                                     packed=False, **fixed),
         # whole-clip 3D tiles: 260 tiles of 126 tokens (no padding) instead of 270 of at most 126
         "Neighborhood(window=(1.0, 0.5, 0.5), tile=(21, 3, 2)) ~25%": Neighborhood(window=(1.0, 0.5, 0.5),
                                                                                   tile=(21, 3, 2)),
-        "TemporalSparse(density 0.25, tile=(21, 3, 2))": TemporalSparse(min_density=0.25, max_density=0.25,
-                                                                        tile=(21, 3, 2), **fixed),
+        "Neighborhood(window=(1.0, 0.3, 0.3), tile=(21, 3, 2)) ~10%": Neighborhood(window=(1.0, 0.3, 0.3),
+                                                                                  tile=(21, 3, 2)),
     }
 
 
@@ -303,7 +308,8 @@ def main(argv=None) -> None:
                          "TemporalSparse bookkeeping, Wan 480p), step (full Wan2.1-1.3B transformer step)")
     ap.add_argument("--configs", default="sweep:wan2.1-1.3b-480p-81f",
                     help="kernel launch configurations: 'sweep' (all shapes), 'sweep:SHAPE' (that shape; the "
-                         "others use the defaults) or 'default'")
+                         "others use the defaults) or 'default'; 'tma' instead of 'sweep' sweeps the TMA and "
+                         "warp-specialization knobs")
     ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     ap.add_argument("--name", default="sparse", help="result file name prefix (NAME-<device>-<date>.json)")
     args = ap.parse_args(argv)
@@ -321,14 +327,15 @@ def main(argv=None) -> None:
     if any(not 0 < d <= 1 for d in densities):
         ap.error(f"--densities: each must be in (0, 1], got {densities}")
     logging.basicConfig(level=logging.WARNING)
-    swept = set(SHAPES) if args.configs == "sweep" else (
-        {args.configs.split(":", 1)[1]} if args.configs.startswith("sweep:") else set())
-    if args.configs != "default" and not swept <= set(SHAPES):
-        ap.error(f"--configs: expected 'sweep', 'sweep:SHAPE' or 'default', got {args.configs!r}")
+    kind, _, only = args.configs.partition(":")
+    swept = set() if kind == "default" else ({only} if only else set(SHAPES))
+    if kind not in ("sweep", "tma", "default") or not swept <= set(SHAPES):
+        ap.error(f"--configs: expected 'sweep', 'sweep:SHAPE', 'tma', 'tma:SHAPE' or 'default', got {args.configs!r}")
+    sweep = TMA_CONFIGS if kind == "tma" else CONFIGS
     rows, overhead, step = [], [], []
     for s in shapes if "kernel" in parts else []:
         grid, text, heads, dim = SHAPES[s]
-        configs = CONFIGS if s in swept and not args.quick else [None]
+        configs = sweep if s in swept and not args.quick else [None]
         rows += bench_shape(s, grid, text, heads, dim, densities, args.iters, configs)
         best = [r for r in rows if r["shape"] == s
                 and (r["method"] == "ours (best config)" or r["method"].startswith(("flex", "cudnn")))]

@@ -7,6 +7,12 @@ skips through ``tile_len``). In this order a local 3D window is a set of whole k
 NATTEN's and Sliding Tile Attention's token layouts; text tokens of joint attention follow the
 video tiles, dense both ways.
 
+A *packed* order (``packed=True``) keeps the 3D-tile traversal but drops the padding: the video
+tokens, tile after tile, fill kernel tiles of exactly 128 (the last one ragged), so a kernel tile is
+a run of one or two neighboring 3D tiles. At grids the 3D tiles do not divide this saves the padded
+slots' work (Wan 480p: 256 kernel tiles instead of 270, 11% fewer tile pairs at equal density);
+windows then cover whole kernel tiles, so a packed window is a superset of the padded one.
+
 The block-sparse kernel reads tensors in the model's order through ``TileOrder.index``
 (``seq_index``), so the sparse methods copy nothing; ``TileOrder.gather`` / ``scatter`` move
 ``[B, heads, S, D]`` tensors between the two orders explicitly (one ``index_select`` each; exact),
@@ -61,6 +67,8 @@ class TileOrder:
         tile: ``(t, h, w)`` tokens per 3D tile.
         text: text tokens, placed after the video tiles.
         tiles: ``(nT, nH, nW)`` 3D tiles per axis.
+        packed: whether the video tokens fill kernel tiles without padding (see the module docstring).
+        text_first: whether the text tokens come before the video in model order.
         index: long ``[S_tiled]``: model-order position of each tiled slot (padding slots repeat
             a valid position; ``tile_len`` keeps them out of attention).
         inverse: long ``[S_model]``: tiled slot of each model-order position.
@@ -75,10 +83,28 @@ class TileOrder:
     index: torch.Tensor
     inverse: torch.Tensor
     tile_len: torch.Tensor
+    packed: bool = False
+    text_first: bool = False
 
     @property
     def video_tiles(self) -> int:
-        return math.prod(self.tiles)
+        """Kernel tiles holding video tokens (the text tiles follow them)."""
+        return math.ceil(math.prod(self.grid) / TILE) if self.packed else math.prod(self.tiles)
+
+    def kernel_tiles_of_boxes(self) -> torch.Tensor:
+        """Bool ``[video_tiles, 3D tiles]``: which 3D tiles each video kernel tile holds tokens of
+        (the identity unless packed)."""
+        n3 = math.prod(self.tiles)
+        if not self.packed:
+            return torch.eye(n3, dtype=torch.bool)
+        T, H, W = self.grid
+        t, h, w = self.tile
+        _, nH, nW = self.tiles
+        pos = self.index[: math.prod(self.grid)].cpu() - (self.text if self.text_first else 0)
+        box = ((pos // (H * W)) // t * nH + ((pos // W) % H) // h) * nW + (pos % W) // w
+        member = torch.zeros(self.video_tiles, n3, dtype=torch.bool)
+        member[torch.arange(pos.numel()) // TILE, box] = True
+        return member
 
     @property
     def length(self) -> int:
@@ -94,15 +120,17 @@ class TileOrder:
         return x.index_select(2, self.inverse.to(x.device))
 
     def tile_coords(self) -> torch.Tensor:
-        """long ``[video_tiles, 3]``: 3D tile coordinates of each video kernel tile."""
+        """long ``[3D tiles, 3]``: coordinates of each 3D tile (one per video kernel tile unless packed)."""
         _, nH, nW = self.tiles
-        i = torch.arange(self.video_tiles)
+        i = torch.arange(math.prod(self.tiles))
         return torch.stack([i // (nH * nW), (i // nW) % nH, i % nW], dim=1)
 
 
-def tile_order(grid, tile=None, text: int = 0, text_first: bool = False, device=None) -> TileOrder:
+def tile_order(grid, tile=None, text: int = 0, text_first: bool = False, device=None,
+               packed: bool = False) -> TileOrder:
     """The :class:`TileOrder` of a video ``grid`` (``tile`` chosen by :func:`choose_tile` when
-    ``None``) with ``text`` text tokens before (``text_first``) or after the video in model order."""
+    ``None``) with ``text`` text tokens before (``text_first``) or after the video in model order;
+    ``packed`` fills kernel tiles with video tokens without padding."""
     grid = _as_triple(grid, "grid")
     tile = choose_tile(grid) if tile is None else _as_triple(tile, "tile")
     if math.prod(tile) > TILE:
@@ -110,11 +138,12 @@ def tile_order(grid, tile=None, text: int = 0, text_first: bool = False, device=
                          "Use a smaller tile, or tile=None to choose one.")
     if any(t > g for t, g in zip(tile, grid)):
         raise ValueError(f"tile: {tile} is larger than the grid {grid} along an axis; use tile=None.")
-    return _tile_order(grid, tile, int(text), bool(text_first), str(device) if device is not None else "cpu")
+    return _tile_order(grid, tile, int(text), bool(text_first), str(device) if device is not None else "cpu",
+                       bool(packed))
 
 
 @functools.lru_cache(maxsize=64)
-def _tile_order(grid: Triple, tile: Triple, text: int, text_first: bool, device: str) -> TileOrder:
+def _tile_order(grid: Triple, tile: Triple, text: int, text_first: bool, device: str, packed: bool) -> TileOrder:
     T, H, W = grid
     t, h, w = tile
     nT, nH, nW = math.ceil(T / t), math.ceil(H / h), math.ceil(W / w)
@@ -135,6 +164,14 @@ def _tile_order(grid: Triple, tile: Triple, text: int, text_first: bool, device:
     video_offset = text if text_first else 0
     index = (pos + video_offset).flatten()
     valid = within.flatten()
+    if packed:  # the same traversal without padding slots, cut into full kernel tiles (the last ragged)
+        n_video = T * H * W
+        n = math.ceil(n_video / TILE)
+        video = index[valid]
+        index = torch.cat([video, video[:1].expand(n * TILE - n_video)])
+        valid = torch.arange(n * TILE) < n_video
+        length = torch.full((n,), TILE, dtype=torch.long)
+        length[-1] = n_video - (n - 1) * TILE
     text_offset = 0 if text_first else T * H * W
     index = torch.cat([index, torch.arange(text) + text_offset])
     inverse = torch.empty(T * H * W + text, dtype=torch.long)
@@ -145,7 +182,8 @@ def _tile_order(grid: Triple, tile: Triple, text: int, text_first: bool, device:
     if text % TILE:
         text_len[-1] = text % TILE
     tile_len = torch.cat([length, text_len]).to(torch.int32)
-    return TileOrder(grid, tile, text, (nT, nH, nW), index.to(device), inverse.to(device), tile_len.to(device))
+    return TileOrder(grid, tile, text, (nT, nH, nW), index.to(device), inverse.to(device), tile_len.to(device),
+                     packed, text_first)
 
 
 def window_tiles(order: TileOrder, window, stride=1) -> torch.Tensor:
@@ -167,7 +205,7 @@ def window_tiles(order: TileOrder, window, stride=1) -> torch.Tensor:
         raise ValueError(f"stride: {stride} tiles exceeds the window of {tuple(span)} tiles; a query tile must "
                          "lie in its own window. Use a stride of at most the window in tiles.")
     coords = order.tile_coords()
-    keep = torch.ones(order.video_tiles, order.video_tiles, dtype=torch.bool)
+    keep = torch.ones(len(coords), len(coords), dtype=torch.bool)
     for axis in range(3):
         n, sp, st = order.tiles[axis], span[axis], stride[axis]
         x = coords[:, axis]
@@ -175,6 +213,9 @@ def window_tiles(order: TileOrder, window, stride=1) -> torch.Tensor:
         center = first + (torch.clamp(n - first, max=st) - 1) / 2  # center of the query's group
         start = torch.clamp(torch.floor(center - (sp - 1) / 2 + 0.5), 0, n - sp).long()
         keep &= (coords[None, :, axis] >= start[:, None]) & (coords[None, :, axis] < start[:, None] + sp)
+    if order.packed:  # a kernel tile visits every kernel tile holding a key box of any of its query boxes
+        member = order.kernel_tiles_of_boxes().float()
+        keep = (member @ keep.float() @ member.T) > 0
     n_kernel = order.tile_len.numel()
     out = torch.zeros(n_kernel, n_kernel, dtype=torch.bool)
     out[: order.video_tiles, : order.video_tiles] = keep

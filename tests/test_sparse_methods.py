@@ -39,6 +39,21 @@ def test_tile_order_is_an_exact_permutation(grid, text, text_first):
         coords = torch.stack([pos // (H * W), (pos // W) % H, pos % W], 1)
         extent = coords.amax(0) - coords.amin(0) + 1
         assert int(extent.prod()) == len(pos) and (extent <= torch.tensor(order.tile)).all()
+    # packed: the same traversal without padding, in full kernel tiles (only the last video tile ragged)
+    packed = tile_order(grid, None, text, text_first, packed=True)
+    assert torch.equal(packed.scatter(packed.gather(x)), x)
+    nv = packed.video_tiles
+    assert nv == math.ceil(math.prod(grid) / bs.TILE) and int(packed.tile_len.sum()) == S
+    assert (packed.tile_len[: nv - 1] == bs.TILE).all()
+    assert torch.equal(packed.tile_len[nv:], order.tile_len[order.video_tiles:])  # text tiles unchanged
+    p_slots = torch.arange(packed.length)
+    p_valid = (p_slots % bs.TILE) < packed.tile_len[p_slots // bs.TILE].long()
+    assert torch.equal(packed.index[p_valid], order.index[valid])
+    member = packed.kernel_tiles_of_boxes()  # each kernel tile holds tokens of the boxes it lists, only
+    for n in range(nv):
+        pos = packed.index[n * bs.TILE: n * bs.TILE + int(packed.tile_len[n])] - offset
+        boxes = {int(order.inverse[p + offset]) // bs.TILE for p in pos}
+        assert boxes == set(torch.nonzero(member[n]).flatten().tolist())
 
 
 def test_choose_tile_prefers_little_padding_and_compact_tiles():
@@ -71,6 +86,29 @@ def test_window_tiles_by_definition(stride):
             for b in range(nv):
                 if group[a] == group[b]:
                     assert torch.equal(video[a], video[b])
+
+
+def _token_mask(order, tiles):
+    """Model-order token mask ``[S, S]`` of a kernel-tile mask over ``order``."""
+    slot = bs.blocks_to_mask(*bs.tiles_to_blocks(tiles[None, None]), order.length, order.length)[0, 0]
+    return slot[order.inverse][:, order.inverse]
+
+
+def test_packed_window_covers_the_boxes_its_tiles_touch():
+    grid, tile, window, text = (7, 9, 13), (2, 3, 5), (3, 4, 6), 5
+    padded = tile_order(grid, tile, text=text)
+    packed = tile_order(grid, tile, text=text, packed=True)
+    exact = _token_mask(padded, window_tiles(padded, window))
+    got = _token_mask(packed, window_tiles(packed, window))
+    assert (got | ~exact).all()  # every padded-window pair is still computed
+    # and nothing beyond: query token i sees key j iff some box of i's kernel tile windows some box of j's
+    member = packed.kernel_tiles_of_boxes().float()
+    box_keep = window_tiles(padded, window)[: padded.video_tiles, : padded.video_tiles].float()
+    kernel_keep = (member @ box_keep @ member.T) > 0
+    nv = math.prod(grid)
+    tile_of = packed.inverse[:nv] // bs.TILE
+    assert torch.equal(got[:nv, :nv], kernel_keep[tile_of][:, tile_of])
+    assert got[nv:].all() and got[:, nv:].all()  # text dense both ways
 
 
 def test_window_errors_name_the_input():
@@ -130,7 +168,8 @@ def test_neighborhood_equals_masked_attention(text, text_first, triton, monkeypa
         assert torch.equal(token_mask, frame[:, None] == frame[None, :])
 
 
-def test_temporal_sparse_skips_what_the_gap_marks():
+@pytest.mark.parametrize("packed", [False, True])
+def test_temporal_sparse_skips_what_the_gap_marks(packed):
     torch.manual_seed(0)
     grid = (4, 8, 8)  # 4 frame tiles of 64 tokens with tile (1, 8, 8)
     S = math.prod(grid)
@@ -140,10 +179,10 @@ def test_temporal_sparse_skips_what_the_gap_marks():
     k = q.clone()
     v = torch.randn(2, 2, S, 32)
     method = dit_accel.TemporalSparse(threshold=-8.0, warmup_steps=1, refresh_every=3, refresh_tol=None,
-                                      min_density=0.0, tile=(1, 8, 8))
+                                      min_density=0.0, tile=(1, 8, 8), packed=packed)
     state = {}
     method(q, k, v, None, _call(grid, step=0, state=state))  # warm-up: every tile, records the skip set
-    order = tile_order(grid, (1, 8, 8))
+    order = tile_order(grid, (1, 8, 8), packed=packed)  # packed: two frames per kernel tile
     full = bs.tiles_to_blocks(torch.ones(1, 1, order.tile_len.numel(), order.tile_len.numel(), dtype=torch.bool))
     _, gap = bs.block_sparse_attention_reference(order.gather(q), order.gather(k), order.gather(v), *full,
                                                  tile_len=order.tile_len, return_gap=True, block_m=128, block_n=128)
@@ -169,10 +208,10 @@ def test_temporal_sparse_density_floor_and_ceiling():
     torch.manual_seed(1)
     grid = (6, 8, 8)
     q, k, v = (torch.randn(1, 2, math.prod(grid), 32) for _ in range(3))
-    n = 6  # kernel tiles with tile (1, 8, 16)... here (1, 8, 8) -> 6 tiles of 64 tokens, one per 128-slot tile
+    n = 6  # tile (1, 8, 8), not packed: 6 tiles of 64 tokens, one per 128-slot kernel tile
     for lo, hi, thr in ((0.5, 1.0, 100.0), (0.0, 0.34, float("-inf"))):
         method = dit_accel.TemporalSparse(threshold=thr, warmup_steps=1, refresh_tol=None, min_density=lo,
-                                          max_density=hi, tile=(1, 8, 8))
+                                          max_density=hi, tile=(1, 8, 8), packed=False)
         state = {}
         method(q, k, v, None, _call(grid, state=state))
         kept = state["counts"]

@@ -131,7 +131,7 @@ class _TiledSparse(AttentionMethod):
                 self._once("mask", "dit_accel %s: an attention mask hides some keys (padded text); the block-sparse "
                            "kernel takes no masks, so those calls run dense", type(self).__name__)
                 return None
-        return tile_order(grid, self.tile, text, text_first, query.device)
+        return tile_order(grid, self.tile, text, text_first, query.device, packed=self.packed)
 
     def _dense_step(self, order: TileOrder, call: AttentionCall, query) -> bool:
         """Whether this (tileable) call is one of `dense_steps` / `dense_layers`; such calls count as
@@ -156,6 +156,9 @@ class Neighborhood(_TiledSparse):
         tile: `(t, h, w)` tokens per 3D tile (product <= 128); `None` picks one per grid.
         dense_steps: the first denoising steps run dense.
         dense_layers: transformer blocks (by index) that always run dense.
+        packed: fill kernel tiles with video tokens without padding (`kernels.tile_order`); a window
+            then covers the kernel tiles its 3D tiles touch, more tiles than padded 3D tiles need, so
+            off by default.
     """
 
     window: tuple = (0.5, 0.5, 0.5)
@@ -163,6 +166,7 @@ class Neighborhood(_TiledSparse):
     tile: tuple | None = None
     dense_steps: int = 0
     dense_layers: tuple = ()
+    packed: bool = False
     # (id(order), device) -> (tile mask [1, 1, n, n], kv_blocks, kv_counts, order): one per geometry
     _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -224,6 +228,8 @@ class TemporalSparse(_TiledSparse):
             is kept (the most weighted ones).
         tile: `(t, h, w)` tokens per 3D tile; `None` picks one per grid.
         dense_steps / dense_layers: steps and blocks that always run dense.
+        packed: fill kernel tiles with video tokens in 3D-tile order without padding
+            (`kernels.tile_order`): no work on padding slots where the 3D tiles do not divide the grid.
     """
 
     threshold: float = -10.0
@@ -235,6 +241,7 @@ class TemporalSparse(_TiledSparse):
     tile: tuple | None = None
     dense_steps: int = 0
     dense_layers: tuple = ()
+    packed: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_density <= self.max_density <= 1.0:
