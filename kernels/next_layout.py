@@ -110,6 +110,7 @@ if triton is not None:
                 blk = tl.where(full, offs, blk)
                 total = tl.where(full, N_K, total)
             tl.store(Mask + row * W + pos, blk, mask=kept > 0)
+            tl.store(Mask + row * W + offs, tl.zeros_like(blk), mask=(offs >= total) & (offs < W))  # zeros past it
             tl.store(CountsOut + row, total)
         else:
             tl.store(Mask + row * N_K + blk, keep.to(tl.int8), mask=live)
@@ -210,7 +211,7 @@ def next_blocks(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, 
                                      text_tile=text_tile, tile_len=tile_len, refresh=refresh)
     _check_next(gap, n_k, tile_len, refresh)
     B, H, n_q, W = gap.shape
-    out = torch.zeros(B, H, n_q, W, dtype=torch.int32, device=gap.device)
+    out = torch.empty(B, H, n_q, W, dtype=torch.int32, device=gap.device)  # the kernel writes every entry
     kept = torch.empty(B, H, n_q, dtype=torch.int32, device=gap.device)
     pairs = torch.empty(B, H, n_q, dtype=torch.float32, device=gap.device) if tile_len is not None else None
     _launch(gap, blocks, counts, out, kept, n_k, threshold, k_min, k_max, text_tile, compact=True,
