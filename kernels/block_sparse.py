@@ -213,6 +213,18 @@ def _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len=None, seq_i
 if triton is not None:
 
     @triton.jit
+    def _exp2_x2(x, ASM: tl.constexpr):
+        """exp2 of a bf16 / fp16 tensor in its own dtype: PTX ``ex2.approx`` on packed pairs (sm_90+) when
+        ``ASM``, else through fp32 (Triton's interpreter has no inline assembly)."""
+        if ASM:
+            if x.dtype == tl.bfloat16:
+                return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x], dtype=tl.bfloat16,
+                                                 is_pure=True, pack=2)
+            return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x], dtype=tl.float16,
+                                             is_pure=True, pack=2)
+        return tl.math.exp2(x.to(tl.float32)).to(x.dtype)
+
+    @triton.jit
     def _block_sparse_fwd(
         Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, Index, DescQ, DescK, DescV, sm_scale,
         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
@@ -221,7 +233,7 @@ if triton is not None:
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        LAZY: tl.constexpr,
+        LAZY: tl.constexpr, FAST_EXP: tl.constexpr, EXP_ASM: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -302,6 +314,15 @@ if triton is not None:
                     m_i = m_new
                 p = tl.math.exp2(qk * qk_scale - m_i[:, None])
                 l_i = l_i + tl.sum(p, 1)
+            elif FAST_EXP:
+                # exponent rounded to the input dtype, exp2 of two values per special-function instruction;
+                # the weights are rounded to that dtype for the P @ V product anyway, and the row sums add
+                # the same rounded weights (kept in fp32)
+                p = _exp2_x2((qk * qk_scale - m_new[:, None]).to(Q.dtype.element_ty), EXP_ASM)
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+                acc = acc * alpha[:, None]
+                m_i = m_new
             else:
                 p = tl.math.exp2(qk * qk_scale - m_new[:, None])
                 alpha = tl.math.exp2(m_i - m_new)
@@ -340,7 +361,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   sub_n: int | None = None, num_warps: int | None = None,
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
                                   tma: bool | None = None, warp_specialize: bool | None = None,
-                                  lazy_rescale: bool | None = None):
+                                  lazy_rescale: bool | None = None, fast_exp: bool | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, within
@@ -351,7 +372,9 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
     16-byte-aligned stride), pointer loads otherwise; ``warp_specialize`` asks Triton to
     warp-specialize the key loop; ``lazy_rescale`` rescales the running output only when a row's
-    maximum grew by more than 2**8 (FA4's conditional rescaling; results equal within rounding). On the H100 sweep (``benchmarks/results/sparse-*.json``) neither
+    maximum grew by more than 2**8 (FA4's conditional rescaling; results equal within rounding);
+    ``fast_exp`` computes the softmax weights' exp2 in bf16 / fp16 (two per instruction on sm_90+),
+    the precision the weights have in the P @ V product anyway. On the H100 sweep (``benchmarks/results/sparse-*.json``) neither
     of the last two helped the layouts the methods use, so both are off by default.
     """
     if triton is None:
@@ -364,7 +387,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
     knobs = _launch_knobs(D, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
-                          warp_specialize=warp_specialize, lazy_rescale=lazy_rescale)
+                          warp_specialize=warp_specialize, lazy_rescale=lazy_rescale, fast_exp=fast_exp)
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
@@ -397,6 +420,8 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
         WARP_SPEC=bool(knobs["warp_specialize"]), LAZY=bool(knobs["lazy_rescale"]),
+        FAST_EXP=bool(knobs["fast_exp"]) and q.dtype in (torch.bfloat16, torch.float16),
+        EXP_ASM=q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
@@ -407,7 +432,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
 # Launch knobs of block_sparse_attention_triton when not given (sub_n at most the key tile; 4 warps
 # for head_dim <= 64).
 LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 3, "tma": False, "warp_specialize": False,
-                   "lazy_rescale": False}
+                   "lazy_rescale": False, "fast_exp": False}
 
 
 def _launch_knobs(head_dim: int, **given) -> dict:
