@@ -213,18 +213,6 @@ def _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len=None, seq_i
 if triton is not None:
 
     @triton.jit
-    def _exp2_x2(x, ASM: tl.constexpr):
-        """exp2 of a bf16 / fp16 tensor in its own dtype: PTX ``ex2.approx`` on packed pairs (sm_90+) when
-        ``ASM``, else through fp32 (Triton's interpreter has no inline assembly)."""
-        if ASM:
-            if x.dtype == tl.bfloat16:
-                return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x], dtype=tl.bfloat16,
-                                                 is_pure=True, pack=2)
-            return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x], dtype=tl.float16,
-                                             is_pure=True, pack=2)
-        return tl.math.exp2(x.to(tl.float32)).to(x.dtype)
-
-    @triton.jit
     def _block_sparse_fwd(
         Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, Index, DescQ, DescK, DescV, sm_scale,
         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
@@ -233,7 +221,6 @@ if triton is not None:
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        LAZY: tl.constexpr, FAST_EXP: tl.constexpr, EXP_ASM: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -273,7 +260,6 @@ if triton is not None:
         if RETURN_GAP:
             gap_row = Gap + (pid_bh * N_Q + pid_m) * sgm
             tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         for i in tl.range(0, count * R, warp_specialize=WARP_SPEC):
             # layout tiles of BLOCK_N keys are visited as R sub-tiles of SUB_N
             kb = tl.load(block_row + i // R)
@@ -304,43 +290,22 @@ if triton is not None:
             # the softmax scale is folded into the exponent (one FMA per score, as in Triton's tutorial)
             qk_max = tl.max(qk, 1) * qk_scale
             m_new = tl.maximum(m_i, qk_max)
-            if LAZY:
-                # FA4's conditional rescaling: keep the stale row maxima (weights then reach at most 2**8,
-                # exact in fp32 sums and bf16 products) until some row's maximum grows by more than 8 (log2)
-                if tl.max(m_new - m_i) > 8.0:
-                    alpha = tl.math.exp2(m_i - m_new)
-                    l_i = l_i * alpha
-                    acc = acc * alpha[:, None]
-                    m_i = m_new
-                p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-                l_i = l_i + tl.sum(p, 1)
-            elif FAST_EXP:
-                # exponent rounded to the input dtype, exp2 of two values per special-function instruction;
-                # the weights are rounded to that dtype for the P @ V product anyway, and the row sums add
-                # the same rounded weights (kept in fp32)
-                p = _exp2_x2((qk * qk_scale - m_new[:, None]).to(Q.dtype.element_ty), EXP_ASM)
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-                acc = acc * alpha[:, None]
-                m_i = m_new
-            else:
-                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None]
-                m_i = m_new
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
             if USE_TMA:  # p is 0 on masked rows
                 vv = DescV.load([v_row0 + start_n, v_col])
             else:
                 vv = tl.load(V + b * svb + h * svh + k_pos[:, None] * svs + offs_d[None, :], mask=v_mask, other=0.0)
             if DOT_F32:
                 vv = vv.to(tl.float32)
+            acc = acc * alpha[:, None]
             acc = tl.dot(p.to(vv.dtype), vv, acc)
+            m_i = m_new
             if RETURN_GAP:
-                m_run = tl.maximum(m_run, qk_max)  # the true running maximum (m_i may lag it under LAZY)
                 tile_rm = tl.maximum(tile_rm, qk_max)
                 if i % R == R - 1:  # layout tile finished: its gap against the running max
-                    g = tl.where(row_live & (tile_rm > float("-inf")), tile_rm - m_run, float("-inf"))
+                    g = tl.where(row_live & (tile_rm > float("-inf")), tile_rm - m_new, float("-inf"))
                     tl.store(gap_row + i // R, tl.max(g, 0))
                     tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         empty = l_i == 0.0
@@ -360,8 +325,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   tile_len: torch.Tensor | None = None, return_gap: bool = False,
                                   sub_n: int | None = None, num_warps: int | None = None,
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
-                                  tma: bool | None = None, warp_specialize: bool | None = None,
-                                  lazy_rescale: bool | None = None, fast_exp: bool | None = None):
+                                  tma: bool | None = None, warp_specialize: bool | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, within
@@ -371,10 +335,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     ``num_stages``; ``tma`` loads q, k, v through tensor descriptors (Hopper's TMA) where the
     inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
     16-byte-aligned stride), pointer loads otherwise; ``warp_specialize`` asks Triton to
-    warp-specialize the key loop; ``lazy_rescale`` rescales the running output only when a row's
-    maximum grew by more than 2**8 (FA4's conditional rescaling; results equal within rounding);
-    ``fast_exp`` computes the softmax weights' exp2 in bf16 / fp16 (two per instruction on sm_90+),
-    the precision the weights have in the P @ V product anyway. On the H100 sweep (``benchmarks/results/sparse-*.json``) neither
+    warp-specialize the key loop. On the H100 sweep (``benchmarks/results/sparse-*.json``) neither
     of the last two helped the layouts the methods use, so both are off by default.
     """
     if triton is None:
@@ -387,7 +348,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
     knobs = _launch_knobs(D, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
-                          warp_specialize=warp_specialize, lazy_rescale=lazy_rescale, fast_exp=fast_exp)
+                          warp_specialize=warp_specialize)
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
@@ -419,9 +380,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=sub_n,
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
-        WARP_SPEC=bool(knobs["warp_specialize"]), LAZY=bool(knobs["lazy_rescale"]),
-        FAST_EXP=bool(knobs["fast_exp"]) and q.dtype in (torch.bfloat16, torch.float16),
-        EXP_ASM=q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9,
+        WARP_SPEC=bool(knobs["warp_specialize"]),
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
@@ -431,8 +390,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
 
 # Launch knobs of block_sparse_attention_triton when not given (sub_n at most the key tile; 4 warps
 # for head_dim <= 64).
-LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 3, "tma": False, "warp_specialize": False,
-                   "lazy_rescale": False, "fast_exp": False}
+LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 3, "tma": False, "warp_specialize": False}
 
 
 def _launch_knobs(head_dim: int, **given) -> dict:

@@ -45,24 +45,16 @@ def _inputs(B, H, S, D, dtype, seed):
         (2, 2, 300, 64, torch.bfloat16, 128, 64, {"tma": True}),
         (2, 3, 200, 128, torch.float16, 64, None, {"tma": True, "bshd": True}),
         (1, 2, 77, 64, torch.bfloat16, 32, None, {"tma": True, "warp_specialize": True}),
-        # conditional rescaling, logits spread wide so rows both keep stale maxima and rescale
-        (2, 2, 300, 64, torch.bfloat16, 64, 32, {"lazy_rescale": True, "spread": 6.0}),
-        (1, 2, 256, 128, torch.float16, 128, 64, {"lazy_rescale": True, "spread": 1.0}),
-        # softmax weights' exp2 in the input dtype (on the GPU two per instruction; here through fp32)
-        (2, 2, 300, 128, torch.bfloat16, 128, 64, {"fast_exp": True, "spread": 2.0}),
-        (1, 3, 200, 64, torch.float16, 64, None, {"fast_exp": True}),
     ],
 )
 def test_kernel_equals_reference_and_float64(B, H, S, D, dtype, tile, sub_n, knobs):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh inputs every run, reported on failure
     knobs = dict(knobs)
-    spread = knobs.pop("spread", 1.0)
     if knobs.pop("bshd", False):  # the heads interleaved in memory, as diffusers' processors leave them
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _inputs(B, H, S, D, dtype, seed))
         assert not q.is_contiguous()
     else:
         q, k, v = _inputs(B, H, S, D, dtype, seed)
-    q = (q.float() * spread).to(dtype)
     if knobs.get("tma"):  # the descriptor path is taken for these inputs
         assert bs._descriptors((q, k, v), (tile, tile, tile)) is not None
     n = math.ceil(S / tile)
@@ -83,9 +75,7 @@ def test_kernel_equals_reference_and_float64(B, H, S, D, dtype, tile, sub_n, kno
         assert err <= 4 * eps, f"{name}: relative error {err:.2e} > {4 * eps:.2e} (seed {seed})"
     finite = exact_lse.isfinite()
     assert torch.equal(lse.isfinite(), finite) and torch.equal(ref_lse.isfinite(), finite)
-    # fast_exp sums weights rounded to the input dtype: the LSE is then within that dtype's bounds
-    lse_tol = 4 * eps if knobs.get("fast_exp") else 1e-3
-    assert (lse.double() - exact_lse)[finite].abs().max() <= lse_tol
+    assert (lse.double() - exact_lse)[finite].abs().max() <= 1e-3
     assert (ref_lse.double() - exact_lse)[finite].abs().max() <= 1e-3
 
 
@@ -161,15 +151,12 @@ def _float64_gap(q, k, tile_mask, tile, row_ok, key_ok):
     return out
 
 
-@pytest.mark.parametrize(("S", "D", "dtype", "lazy"), [(150, 64, torch.bfloat16, False), (160, 128, torch.float16, False),
-                                                      (150, 64, torch.bfloat16, True)])
-def test_padded_tiles_and_gap_output(S, D, dtype, lazy):
+@pytest.mark.parametrize(("S", "D", "dtype"), [(150, 64, torch.bfloat16), (160, 128, torch.float16)])
+def test_padded_tiles_and_gap_output(S, D, dtype):
     """tile_len hides padded key slots; the gap output matches a loop-by-loop float64 oracle."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     tile = 32
     q, k, v = _inputs(2, 2, S, D, dtype, seed)
-    if lazy:  # wide logits: the kernel's row maxima lag the true ones; the gap must still use the true ones
-        q = (q.float() * 6).to(dtype)
     n = math.ceil(S / tile)
     g = torch.Generator().manual_seed(seed + 1)
     tile_len = torch.randint(tile // 2, tile + 1, (n,), generator=g)
@@ -180,7 +167,7 @@ def test_padded_tiles_and_gap_output(S, D, dtype, lazy):
     pos = torch.arange(S)
     valid = (pos % tile) < tile_len[pos // tile]
     kw = dict(block_m=tile, block_n=tile, tile_len=tile_len, return_gap=True)
-    out, gap = bs.block_sparse_attention_triton(q, k, v, blocks, counts, sub_n=16, lazy_rescale=lazy, **kw)
+    out, gap = bs.block_sparse_attention_triton(q, k, v, blocks, counts, sub_n=16, **kw)
     ref, ref_gap = bs.block_sparse_attention_reference(q, k, v, blocks, counts, **kw)
     # padded key slots carry no weight: the float64 oracle masks them on top of the tile mask
     s64 = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)
