@@ -15,6 +15,7 @@ Writes ``benchmarks/results/reference-<device>-<date>.json`` (+ a sample grid an
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from dit_accel.benchmarks.report import (
     write_result,
 )
 from dit_accel.evals import shapes as checker
+from dit_accel.files import atomic_write
 from dit_accel.evals.attention import AttentionProbe
 from dit_accel.evals.metrics import temporal_flickering
 from dit_accel.pipelines import load_reference
@@ -150,8 +152,10 @@ def plot(result: dict, path: Path) -> None:
                 ylim=(0, 1))
     axes[2].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write(path, buf.getvalue())
 
 
 def main(argv=None) -> None:

@@ -10,10 +10,10 @@ import platform
 import re
 import statistics
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+from dit_accel.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,11 +86,7 @@ def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
     path = out_dir / f"{name}-{device_tag(env['device'])}-{env['date'][:10]}.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"benchmark": name, "environment": env, **payload}, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps({"benchmark": name, "environment": env, **payload}, indent=2))
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

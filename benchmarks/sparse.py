@@ -50,6 +50,8 @@ DENSITIES = (1.0, 0.5, 0.25, 0.1)
 # TMA loads and warp specialization never won beyond noise (sparse-*-2026-11-23.json), they are swept
 # with --configs tma
 CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st) for n, st in itertools.product((64, 128), (2, 3, 4))]
+# 64-query CTAs of 4 warps (one warpgroup; two CTAs fit an SM) over the same 128-token layout
+SPLIT_CONFIGS = [dict(block_m=64, sub_n=n, num_warps=4, num_stages=st) for n, st in itertools.product((64, 128), (2, 3, 4))]
 TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws)
                for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
 
@@ -147,7 +149,12 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
             label = f"ours {config_label(config)}"
 
             def ours(config=config):
-                return block_sparse_attention_triton(q, k, v, blocks, counts, **(config or {}))
+                knobs = dict(config or {})
+                split = TILE // knobs.get("block_m", TILE)  # query tiles of 128 / split rows: the same layout
+                rows = math.ceil(seq / (TILE // split))
+                b, c = (blocks, counts) if split == 1 else (blocks.repeat_interleave(split, 2)[:, :, :rows],
+                                                            counts.repeat_interleave(split, 2)[:, :, :rows])
+                return block_sparse_attention_triton(q, k, v, b, c, **knobs)
             try:
                 out = ours()
                 check = ref if ref is not None else flex_out
@@ -318,7 +325,7 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", default="sweep:wan2.1-1.3b-480p-81f",
                     help="kernel launch configurations: 'sweep' (all shapes), 'sweep:SHAPE' (that shape; the "
                          "others use the defaults) or 'default'; 'tma' instead of 'sweep' sweeps the TMA and "
-                         "warp-specialization knobs")
+                         "warp-specialization knobs, 'split' adds 64-query CTAs of 4 warps")
     ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     ap.add_argument("--name", default="sparse", help="result file name prefix (NAME-<device>-<date>.json)")
     args = ap.parse_args(argv)
@@ -338,9 +345,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     kind, _, only = args.configs.partition(":")
     swept = set() if kind == "default" else ({only} if only else set(SHAPES))
-    if kind not in ("sweep", "tma", "default") or not swept <= set(SHAPES):
-        ap.error(f"--configs: expected 'sweep', 'sweep:SHAPE', 'tma', 'tma:SHAPE' or 'default', got {args.configs!r}")
-    sweep = TMA_CONFIGS if kind == "tma" else CONFIGS
+    if kind not in ("sweep", "tma", "split", "default") or not swept <= set(SHAPES):
+        ap.error(f"--configs: expected 'sweep', 'tma' or 'split' (optionally ':SHAPE'), or 'default'; got "
+                 f"{args.configs!r}")
+    sweep = {"tma": TMA_CONFIGS, "split": CONFIGS + SPLIT_CONFIGS}.get(kind, CONFIGS)
     rows, overhead, step = [], [], []
     for s in shapes if "kernel" in parts else []:
         grid, text, heads, dim = SHAPES[s]

@@ -87,10 +87,10 @@ class HeadHuntResult:
         }
 
     def save(self, path) -> Path:
-        from .evals.runner import _atomic_write
+        from .files import atomic_write
 
         path = Path(path)
-        _atomic_write(path, (json.dumps(self.preset(), indent=1) + "\n").encode())
+        atomic_write(path, (json.dumps(self.preset(), indent=1) + "\n").encode())
         return path
 
 
@@ -125,7 +125,7 @@ class _Cache:
 
 
 def _check_settings(folder: Path, settings: dict, rank: int) -> None:
-    from .evals.runner import _atomic_write
+    from .files import atomic_write
 
     path = folder / SETTINGS
     if path.exists():
@@ -135,7 +135,7 @@ def _check_settings(folder: Path, settings: dict, rank: int) -> None:
             raise ValueError(f"cache_dir={str(folder)!r}: it holds a search with other settings ({', '.join(diff)}); "
                              "use another folder to keep both, or delete it to start over")
     elif rank == 0:
-        _atomic_write(path, (json.dumps(settings, indent=1) + "\n").encode())
+        atomic_write(path, (json.dumps(settings, indent=1) + "\n").encode())
 
 
 def _generate(pipe, prompts, seeds, kwargs: dict, batch_size: int, guidance=None, attention=None) -> list[np.ndarray]:

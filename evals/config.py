@@ -102,7 +102,11 @@ def _check_size(size: Any, where: str) -> dict:
     return dict(size)
 
 
-def _check_attention(att: Any, where: str) -> dict | None:
+def check_attention(att: Any, where: str) -> dict | None:
+    """Validate one attention entry (``None``/``"stock"``, a method name, or ``{method: NAME, ...}``):
+    ``{"method": NAME, **parameters}`` (lists made tuples; the method is built once to check them), or
+    ``None`` for the stock processors.
+    Raises :class:`ConfigError` naming ``where`` and the problem."""
     if att is None or att == "stock":
         return None
     if isinstance(att, str):
@@ -172,7 +176,7 @@ def parse_spec(data: Any) -> RunSpec:
                 what = "resolution" if key == "size" else key
                 raise ConfigError(f"{where}.{key}: every config must use the run's {what} ({data.get(key)!r}) so "
                                   f"that it can be compared with the baseline; set it once at the top level")
-        configs.append(RunConfig(name, _check_attention(item.get("attention"), f"{where}.attention")))
+        configs.append(RunConfig(name, check_attention(item.get("attention"), f"{where}.attention")))
     baseline = data.get("baseline", BASELINE)
     if not isinstance(baseline, str):
         raise ConfigError(f"baseline: must be a config name, got {baseline!r}")

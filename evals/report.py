@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .runner import RESULTS, _atomic_write, read_rows
+from ..files import atomic_write
+from .runner import RESULTS, read_rows
 
 VBENCH = "vbench.jsonl"
 DIMENSIONS = ("temporal_flickering", "motion_smoothness", "dynamic_degree", "subject_consistency",
@@ -202,11 +203,11 @@ def write_report(run_dir: str | Path, plot: bool = True) -> dict[str, Path]:
     if "lpips" in header and isinstance(header["lpips"], str):
         notes.append(f"LPIPS: {header['lpips']}.")
     paths = {"markdown": run_dir / "report.md", "csv": run_dir / "report.csv"}
-    _atomic_write(paths["markdown"], (md + "\n".join(notes) + "\n").encode())
-    _atomic_write(paths["csv"], to_csv(summary, vb_dims).encode())
+    atomic_write(paths["markdown"], (md + "\n".join(notes) + "\n").encode())
+    atomic_write(paths["csv"], to_csv(summary, vb_dims).encode())
     if plot:
         paths["pareto"] = run_dir / "pareto.png"
-        _atomic_write(paths["pareto"], pareto_png(summary))
+        atomic_write(paths["pareto"], pareto_png(summary))
     return paths
 
 

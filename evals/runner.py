@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from . import metrics
 from .config import ConfigError, RunSpec
 from .lpips import load_lpips
@@ -40,16 +40,8 @@ logger = logging.getLogger("dit_accel.evals")
 RESULTS = "results.jsonl"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _write_rows(path: Path, rows: list[dict]) -> None:
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -61,7 +53,7 @@ def _save_video(path: Path, frames: np.ndarray) -> None:
 
     buf = io.BytesIO()
     np.save(buf, np.round(frames * 255).astype(np.uint8))
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def load_video(path: Path) -> np.ndarray:
@@ -214,7 +206,7 @@ def run_eval(pipeline: str, suite: str, spec: RunSpec, out: str | Path, device=N
                              "use a new --out folder to keep both")
     lpips_score, lpips_note = load_lpips()
     if not run_json.exists() and rank == 0:
-        _atomic_write(run_json, json.dumps({**header, "environment": _environment(), "lpips": lpips_note},
+        atomic_write(run_json, json.dumps({**header, "environment": _environment(), "lpips": lpips_note},
                                            indent=1).encode())
     _barrier(world)
 

@@ -19,7 +19,8 @@ import json
 import logging
 from pathlib import Path
 
-from .runner import RESULTS, _atomic_write, load_video, read_rows
+from ..files import atomic_write
+from .runner import RESULTS, load_video, read_rows
 
 logger = logging.getLogger("dit_accel.evals")
 
@@ -60,7 +61,7 @@ def export_video(frames, path: Path, fps: int = 8) -> None:
     except Exception as exc:  # plugin missing: name what to install
         raise RuntimeError(f"{path}: cannot write {path.suffix} videos here ({type(exc).__name__}: {exc}); install "
                            "imageio-ffmpeg (or av) for .mp4, or pass --format gif") from exc
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def run_vbench(run_dir: str | Path, dimensions=DEFAULT_DIMENSIONS, device: str | None = None,
@@ -107,7 +108,7 @@ def run_vbench(run_dir: str | Path, dimensions=DEFAULT_DIMENSIONS, device: str |
                 if r is not None:
                     scores.setdefault((config, r["index"], r["seed"]), {})[dim] = float(item["video_results"])
     out = run_dir / "vbench.jsonl"
-    _atomic_write(out, "".join(json.dumps({"config": c, "index": i, "seed": s, **v}) + "\n"
+    atomic_write(out, "".join(json.dumps({"config": c, "index": i, "seed": s, **v}) + "\n"
                                for (c, i, s), v in scores.items()).encode())
     return out
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..evals import metrics
-from ..evals.config import ConfigError, _check_attention
-from ..evals.runner import _atomic_write
+from ..evals.config import ConfigError, check_attention
+from ..files import atomic_write
 
 METHOD_NAMES = ("Dense", "Neighborhood", "TemporalSparse")
 HISTORY_COLUMNS = ["run", "prompt", "seed", "method", "parameters", "guidance", "steps", "size", "baseline_s",
@@ -94,7 +94,7 @@ def to_gif(frames: np.ndarray, path: Path, min_side: int = 192) -> Path:
         (f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=120, loop=0)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -190,7 +190,7 @@ class Studio:
         if not isinstance(params, dict):
             raise UIError("parameters: expected a JSON object such as {\"window\": [0.5, 0.5, 0.5]}")
         try:
-            attention = _check_attention({"method": method, **params}, "parameters")
+            attention = check_attention({"method": method, **params}, "parameters")
         except ConfigError as exc:
             raise UIError(str(exc)) from None
         from ..methods import METHODS
@@ -247,14 +247,14 @@ class Studio:
             raise UIError(f"export: {kind!r} is not csv or json")
         path = self.workdir / f"history.{kind}"
         if kind == "json":
-            _atomic_write(path, (json.dumps(self.history, indent=1) + "\n").encode())
+            atomic_write(path, (json.dumps(self.history, indent=1) + "\n").encode())
         else:
             buf = io.StringIO()
             columns = HISTORY_COLUMNS + sorted({k for r in self.history for k in r} - set(HISTORY_COLUMNS))
             writer = csv.DictWriter(buf, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.history)
-            _atomic_write(path, buf.getvalue().encode())
+            atomic_write(path, buf.getvalue().encode())
         return path
 
     # ----------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ class Studio:
         if effect_map:
             data["effect_map"] = effect_map
         path = Path(path)
-        _atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
+        atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
         return path
 
     @staticmethod
@@ -417,7 +417,7 @@ def effect_map_image(effect_map: dict | None, layers: dict[int, int], selected=(
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path
 
 

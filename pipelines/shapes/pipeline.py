@@ -26,6 +26,8 @@ from diffusers import (
 )
 from diffusers.utils import BaseOutput
 
+from ...files import atomic_write
+
 from .data import MAX_TEXT_TOKENS, to_device, vocabulary
 
 logger = logging.getLogger(__name__)
@@ -193,9 +195,7 @@ class ShapesPipeline(DiffusionPipeline):
             for p in sorted(root.rglob("*"))
             if p.is_file() and p.suffix in (".safetensors", ".bin")
         }
-        tmp = root / (CHECKSUMS + ".tmp")
-        tmp.write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, root / CHECKSUMS)
+        atomic_write(root / CHECKSUMS, json.dumps(sums, indent=1, sort_keys=True) + "\n")
 
     # ---------------------------------------------------------------- helpers
 

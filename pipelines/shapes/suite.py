@@ -72,13 +72,15 @@ def grid_image(videos: Sequence, frames: Sequence[int] | None = None, scale: int
 
 
 def save_grid(path, videos, frames=None) -> None:
-    import os
+    import io
 
     from PIL import Image
 
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(grid_image(videos, frames)).save(tmp)
-    os.replace(tmp, path)
+    from dit_accel.files import atomic_write
+
+    buf = io.BytesIO()
+    Image.fromarray(grid_image(videos, frames)).save(buf, format="PNG")
+    atomic_write(path, buf.getvalue())
 
 
 __all__ = ["grid_image", "held_out_suite", "save_grid", "search_suite"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_write
 from .data import render, sample_spec
 from .pipeline import (
     DEFAULT_GUIDANCE,
@@ -65,9 +67,9 @@ def _n_objects(seed: int) -> int | None:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
 
 
 def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
@@ -239,9 +241,7 @@ def train(args) -> None:
 
     summary = {"environment": environment(), "steps": step, "samples": counter, "train_minutes": round(train_s / 60, 2), "args": vars(args),
                "modes": MODES, "force_two_objects": FORCE_TWO_OBJECTS, "loss_curve": [[r["step"], r["train_min"], r["loss"]] for r in rows]}
-    tmp = out / "training.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, out / "training.json")
+    atomic_write(out / "training.json", json.dumps(summary, indent=1) + "\n")
     print(f"done: {step} steps, {counter} samples, {train_s / 60:.1f} min; pipeline in {out / 'pipeline'}", flush=True)
 
 
