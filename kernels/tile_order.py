@@ -193,7 +193,8 @@ def window_tiles(order: TileOrder, window, stride=1) -> torch.Tensor:
     the window of tiles centered on it, shifted inward at the grid's edges (so every window holds
     the same number of tiles, as in NATTEN). ``stride`` ``(t, h, w)`` in tiles groups query tiles
     that share one window centered on their group (GNA's strided windows; 1 = per tile). Text
-    tiles are dense as queries and keys.
+    tiles are dense as queries and keys. Over a packed order, a kernel tile visits every kernel tile
+    holding part of a window of any 3D tile it holds part of (a superset of the padded layout).
     """
     window = _as_triple(window, "window")
     stride = _as_triple(stride, "stride")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files import atomic_write
+from ...files import atomic_write
 from .data import render, sample_spec
 from .pipeline import (
     DEFAULT_GUIDANCE,
