@@ -150,8 +150,8 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
 
             def ours(config=config):
                 knobs = dict(config or {})
-                split = TILE // knobs.get("block_m", TILE)  # query tiles of 128 / split rows: the same layout
-                rows = math.ceil(seq / (TILE // split))
+                block_m = knobs.get("block_m", TILE)  # smaller query tiles repeat their 128-row tile's list
+                split, rows = TILE // block_m, math.ceil(seq / block_m)
                 b, c = (blocks, counts) if split == 1 else (blocks.repeat_interleave(split, 2)[:, :, :rows],
                                                             counts.repeat_interleave(split, 2)[:, :, :rows])
                 return block_sparse_attention_triton(q, k, v, b, c, **knobs)

@@ -97,13 +97,12 @@ class TileOrder:
         n3 = math.prod(self.tiles)
         if not self.packed:
             return torch.eye(n3, dtype=torch.bool)
-        T, H, W = self.grid
-        t, h, w = self.tile
-        _, nH, nW = self.tiles
-        pos = self.index[: math.prod(self.grid)].cpu() - (self.text if self.text_first else 0)
-        box = ((pos // (H * W)) // t * nH + ((pos // W) % H) // h) * nW + (pos % W) // w
+        # the padded order of the same geometry gives each token's 3D tile: its slot // TILE
+        padded = tile_order(self.grid, self.tile, self.text, self.text_first)
+        n_video = math.prod(self.grid)
+        box = padded.inverse[self.index[:n_video].cpu()] // TILE
         member = torch.zeros(self.video_tiles, n3, dtype=torch.bool)
-        member[torch.arange(pos.numel()) // TILE, box] = True
+        member[torch.arange(n_video) // TILE, box] = True
         return member
 
     @property
