@@ -90,7 +90,7 @@ class HeadHuntResult:
         from .files import atomic_write
 
         path = Path(path)
-        atomic_write(path, (json.dumps(self.preset(), indent=1) + "\n").encode())
+        atomic_write(path, json.dumps(self.preset(), indent=1) + "\n")
         return path
 
 
@@ -135,7 +135,7 @@ def _check_settings(folder: Path, settings: dict, rank: int) -> None:
             raise ValueError(f"cache_dir={str(folder)!r}: it holds a search with other settings ({', '.join(diff)}); "
                              "use another folder to keep both, or delete it to start over")
     elif rank == 0:
-        atomic_write(path, (json.dumps(settings, indent=1) + "\n").encode())
+        atomic_write(path, json.dumps(settings, indent=1) + "\n")
 
 
 def _generate(pipe, prompts, seeds, kwargs: dict, batch_size: int, guidance=None, attention=None) -> list[np.ndarray]:

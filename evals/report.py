@@ -203,8 +203,8 @@ def write_report(run_dir: str | Path, plot: bool = True) -> dict[str, Path]:
     if "lpips" in header and isinstance(header["lpips"], str):
         notes.append(f"LPIPS: {header['lpips']}.")
     paths = {"markdown": run_dir / "report.md", "csv": run_dir / "report.csv"}
-    atomic_write(paths["markdown"], (md + "\n".join(notes) + "\n").encode())
-    atomic_write(paths["csv"], to_csv(summary, vb_dims).encode())
+    atomic_write(paths["markdown"], md + "\n".join(notes) + "\n")
+    atomic_write(paths["csv"], to_csv(summary, vb_dims))
     if plot:
         paths["pareto"] = run_dir / "pareto.png"
         atomic_write(paths["pareto"], pareto_png(summary))

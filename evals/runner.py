@@ -41,7 +41,7 @@ RESULTS = "results.jsonl"
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -207,7 +207,7 @@ def run_eval(pipeline: str, suite: str, spec: RunSpec, out: str | Path, device=N
     lpips_score, lpips_note = load_lpips()
     if not run_json.exists() and rank == 0:
         atomic_write(run_json, json.dumps({**header, "environment": _environment(), "lpips": lpips_note},
-                                          indent=1).encode())
+                                          indent=1))
     _barrier(world)
 
     mine = [it for it in items if it["index"] % world == rank]

@@ -109,7 +109,7 @@ def run_vbench(run_dir: str | Path, dimensions=DEFAULT_DIMENSIONS, device: str |
                     scores.setdefault((config, r["index"], r["seed"]), {})[dim] = float(item["video_results"])
     out = run_dir / "vbench.jsonl"
     atomic_write(out, "".join(json.dumps({"config": c, "index": i, "seed": s, **v}) + "\n"
-                               for (c, i, s), v in scores.items()).encode())
+                               for (c, i, s), v in scores.items()))
     return out
 
 

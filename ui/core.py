@@ -247,14 +247,14 @@ class Studio:
             raise UIError(f"export: {kind!r} is not csv or json")
         path = self.workdir / f"history.{kind}"
         if kind == "json":
-            atomic_write(path, (json.dumps(self.history, indent=1) + "\n").encode())
+            atomic_write(path, json.dumps(self.history, indent=1) + "\n")
         else:
             buf = io.StringIO()
             columns = HISTORY_COLUMNS + sorted({k for r in self.history for k in r} - set(HISTORY_COLUMNS))
             writer = csv.DictWriter(buf, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.history)
-            atomic_write(path, buf.getvalue().encode())
+            atomic_write(path, buf.getvalue())
         return path
 
     # ----------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ class Studio:
         if effect_map:
             data["effect_map"] = effect_map
         path = Path(path)
-        atomic_write(path, (json.dumps(data, indent=1) + "\n").encode())
+        atomic_write(path, json.dumps(data, indent=1) + "\n")
         return path
 
     @staticmethod
