@@ -52,6 +52,9 @@ DENSITIES = (1.0, 0.5, 0.25, 0.1)
 CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st) for n, st in itertools.product((64, 128), (2, 3, 4))]
 # 64-query CTAs of 4 warps (one warpgroup; two CTAs fit an SM) over the same 128-token layout
 SPLIT_CONFIGS = [dict(block_m=64, sub_n=n, num_warps=4, num_stages=st) for n, st in itertools.product((64, 128), (2, 3, 4))]
+# launch configurations and extra outputs of the extras part (TemporalSparse's kernel call)
+EXTRAS_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=3), dict(sub_n=128, num_warps=8, num_stages=2)]
+EXTRAS = [{}, dict(lse=True), *(dict(lse=True, gap=True, gap_group=g) for g in (1, 4, 16))]
 TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws)
                for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
 
@@ -105,22 +108,24 @@ def flex_runner(mask: torch.Tensor, seq: int):
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
 
+def _timed_against_dense(fn, q, k, v, iters: int) -> tuple[float, float]:
+    """(median ms of ``fn``, cuDNN dense ms on q, k, v timed right before and after it, averaged)."""
+    def baseline() -> float:
+        return median(cuda_time_ms(lambda: cudnn_sdpa(q, k, v), iters=iters))
+
+    before = baseline()
+    ms = median(cuda_time_ms(fn, iters=iters))
+    return ms, (before + baseline()) / 2
+
+
 def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, iters: int, configs) -> list[dict]:
     seq = math.prod(grid) + text
     q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 
-    def dense():
-        return cudnn_sdpa(q, k, v)
-
-    def baseline() -> float:
-        return median(cuda_time_ms(dense, iters=iters))
-
     def timed(fn) -> tuple[float, float]:
-        before = baseline()
-        ms = median(cuda_time_ms(fn, iters=iters))
-        return ms, (before + baseline()) / 2
+        return _timed_against_dense(fn, q, k, v, iters)
 
-    dense_ms = baseline()
+    dense_ms = median(cuda_time_ms(lambda: cudnn_sdpa(q, k, v), iters=iters))
     rows = [dict(shape=name, seq=seq, density=1.0, method="cudnn-sdpa dense (baseline)", ms=round(dense_ms, 3),
                  ratio=1.0)]
     for density in densities:
@@ -129,7 +134,7 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
         blocks, counts = (t.cuda() for t in tiles_to_blocks(mask))
         ref = None
         if density == 1.0:
-            ref = dense()
+            ref = cudnn_sdpa(q, k, v)
         flex = flex_runner(mask, seq)
         row_base = dict(shape=name, seq=seq, density=round(actual, 4), ideal=round(1 / actual, 2))
         if isinstance(flex, str):
@@ -179,6 +184,47 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
     return rows
 
 
+def _method_inputs(grid, text: int, heads: int, dim: int, density: float, iters: int):
+    """TemporalSparse at a fixed density, its tile order on this grid, random model-order q, k, v and
+    the cuDNN dense time for them."""
+    from dit_accel import TemporalSparse
+
+    method = TemporalSparse(max_density=density, min_density=density, threshold=float("inf"))
+    order = tile_order(grid, None, text, False, torch.device("cuda"), packed=method.packed)
+    seq = math.prod(grid) + text
+    qkv = tuple(torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    dense_ms = median(cuda_time_ms(lambda: cudnn_sdpa(*qkv), iters=iters))
+    return method, order, qkv, dense_ms
+
+
+def bench_extras(name: str, grid, text: int, heads: int, dim: int, densities, iters: int) -> list[dict]:
+    """What TemporalSparse's extra outputs cost inside the kernel, per launch configuration: the
+    call as the method makes it (model-order q, k, v through ``seq_index``, the packed order's
+    ``tile_len``) with no extras, with the LSE only, and with gap + LSE at several ``gap_group``s
+    (layout tiles whose gaps share one reduction across the query rows)."""
+    rows = []
+    for density in densities:
+        _, order, (q, k, v), dense_ms = _method_inputs(grid, text, heads, dim, density, iters)
+        n = order.tile_len.numel()
+        mask = random_layout(order.length, heads, density, order.text, seed=7).cuda()
+        blocks, counts = tiles_to_blocks(mask, width=n)
+        for config in EXTRAS_CONFIGS:
+            for extras in EXTRAS:
+                knobs = dict(config, **extras)
+                lse, gap = knobs.pop("lse", False), knobs.pop("gap", False)
+
+                def call(knobs=knobs, lse=lse, gap=gap):
+                    return block_sparse_attention_triton(q, k, v, blocks, counts, tile_len=order.tile_len,
+                                                         seq_index=order.index, return_lse=lse, return_gap=gap,
+                                                         **knobs)
+                ms, base = _timed_against_dense(call, q, k, v, iters)
+                rows.append(dict(shape=name, density=round(mask.float().mean().item(), 4), launch=config_label(config),
+                                 extras=config_label(extras), ms=round(ms, 3), baseline_ms=round(base, 3),
+                                 ratio=round(base / ms, 3)))
+                print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
 def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: float, iters: int) -> list[dict]:
     """The cost of the tile layout and of TemporalSparse's bookkeeping, each as a fraction of one
     cuDNN dense attention call: the kernel reading model-order q, k, v through ``seq_index`` vs the
@@ -187,14 +233,8 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
     refresh check and the density count). The bookkeeping is timed two ways: queued behind its
     attention call, as in a pipeline, where only its GPU work adds to the call (the figure that counts),
     and alone with a synchronization around it, where the host's kernel launches bound it."""
-    from dit_accel import TemporalSparse
-
-    method = TemporalSparse(max_density=density, min_density=density, threshold=float("inf"))
-    order = tile_order(grid, None, text, False, torch.device("cuda"), packed=method.packed)
-    seq = math.prod(grid) + text
-    q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-
-    dense_ms = median(cuda_time_ms(lambda: cudnn_sdpa(q, k, v), iters=iters))
+    method, order, (q, k, v), dense_ms = _method_inputs(grid, text, heads, dim, density, iters)
+    seq = q.shape[2]
     qt, kt, vt = order.gather(q), order.gather(k), order.gather(v)
 
     def copies():
@@ -321,7 +361,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="one launch configuration instead of a sweep")
     ap.add_argument("--parts", default="kernel,overhead,step",
                     help="comma-separated: kernel (vs cuDNN / Flex per shape), overhead (tile layout and "
-                         "TemporalSparse bookkeeping, Wan 480p), step (full Wan2.1-1.3B transformer step)")
+                         "TemporalSparse bookkeeping, Wan 480p), extras (the cost of TemporalSparse's gap and LSE "
+                         "outputs per launch configuration, Wan 480p), step (full Wan2.1-1.3B transformer step)")
     ap.add_argument("--configs", default="sweep:wan2.1-1.3b-480p-81f",
                     help="kernel launch configurations: 'sweep' (all shapes), 'sweep:SHAPE' (that shape; the "
                          "others use the defaults) or 'default'; 'tma' instead of 'sweep' sweeps the TMA and "
@@ -330,9 +371,9 @@ def main(argv=None) -> None:
     ap.add_argument("--name", default="sparse", help="result file name prefix (NAME-<device>-<date>.json)")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if set(parts) - {"kernel", "overhead", "step"}:
-        ap.error(f"--parts: unknown {sorted(set(parts) - {'kernel', 'overhead', 'step'})}; choose from kernel, "
-                 "overhead, step")
+    if set(parts) - {"kernel", "overhead", "extras", "step"}:
+        ap.error(f"--parts: unknown {sorted(set(parts) - {'kernel', 'overhead', 'extras', 'step'})}; choose from "
+                 "kernel, overhead, extras, step")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/sparse.py needs a CUDA GPU; run it through the device tool or on a GPU host.")
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -369,6 +410,11 @@ def main(argv=None) -> None:
         overhead = bench_overhead("wan2.1-1.3b-480p-81f", grid, text, heads, dim, 0.25, args.iters)
         print_table(overhead, ["shape", "part", "ms", "dense_ms", "of_dense"])
         payload["overhead"] = overhead
+    if "extras" in parts:
+        grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
+        extras = bench_extras("wan2.1-1.3b-480p-81f", grid, text, heads, dim, (0.25, 0.1), args.iters)
+        print_table(extras, ["density", "launch", "extras", "ms", "baseline_ms", "ratio"])
+        payload["extras"] = extras
     if "step" in parts:
         step = bench_step(args.iters)
         print_table(step, ["method", "ms", "speedup", "density"])
