@@ -54,7 +54,9 @@ CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st) for n, st in itertools.prod
 SPLIT_CONFIGS = [dict(block_m=64, sub_n=n, num_warps=4, num_stages=st) for n, st in itertools.product((64, 128), (2, 3, 4))]
 # launch configurations and extra outputs of the extras part (TemporalSparse's kernel call)
 EXTRAS_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=3), dict(sub_n=128, num_warps=8, num_stages=2)]
-EXTRAS = [{}, dict(lse=True), *(dict(lse=True, gap=True, gap_group=g) for g in (1, 4, 16))]
+# (gap_group, several layout tiles' gaps reduced at once, was measured slower at 4 and 16 and removed:
+# sparse-extras-NVIDIA-H200-2026-11-30.json)
+EXTRAS = [{}, dict(lse=True), dict(lse=True, gap=True)]
 TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws)
                for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
 
@@ -200,8 +202,7 @@ def _method_inputs(grid, text: int, heads: int, dim: int, density: float, iters:
 def bench_extras(name: str, grid, text: int, heads: int, dim: int, densities, iters: int) -> list[dict]:
     """What TemporalSparse's extra outputs cost inside the kernel, per launch configuration: the
     call as the method makes it (model-order q, k, v through ``seq_index``, the packed order's
-    ``tile_len``) with no extras, with the LSE only, and with gap + LSE at several ``gap_group``s
-    (layout tiles whose gaps share one reduction across the query rows)."""
+    ``tile_len``) with no extras, with the LSE only, and with gap + LSE."""
     rows = []
     for density in densities:
         _, order, (q, k, v), dense_ms = _method_inputs(grid, text, heads, dim, density, iters)

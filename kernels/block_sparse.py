@@ -221,7 +221,6 @@ if triton is not None:
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        GAP_GROUP: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -261,10 +260,6 @@ if triton is not None:
         if RETURN_GAP:
             gap_row = Gap + (pid_bh * N_Q + pid_m) * sgm
             tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            # per-row gaps of GAP_GROUP layout tiles wait in registers; one reduction over the rows
-            # (across warps, through shared memory) then serves the whole group
-            slots = tl.arange(0, GAP_GROUP)
-            gbuf = tl.full([BLOCK_M, GAP_GROUP], float("-inf"), dtype=tl.float32)
         for i in tl.range(0, count * R, warp_specialize=WARP_SPEC):
             # layout tiles of BLOCK_N keys are visited as R sub-tiles of SUB_N
             kb = tl.load(block_row + i // R)
@@ -311,14 +306,8 @@ if triton is not None:
                 tile_rm = tl.maximum(tile_rm, qk_max)
                 if i % R == R - 1:  # layout tile finished: its gap against the running max
                     g = tl.where(row_live & (tile_rm > float("-inf")), tile_rm - m_new, float("-inf"))
-                    j = i // R
-                    gbuf = tl.where(slots[None, :] == j % GAP_GROUP, g[:, None], gbuf)
-                    if j % GAP_GROUP == GAP_GROUP - 1:  # every slot was written since the last flush
-                        tl.store(gap_row + j - (GAP_GROUP - 1) + slots, tl.max(gbuf, 0))
+                    tl.store(gap_row + i // R, tl.max(g, 0))
                     tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        if RETURN_GAP:  # the last, partial group
-            left = count % GAP_GROUP
-            tl.store(gap_row + count - left + slots, tl.max(gbuf, 0), mask=slots < left)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         out_ok = row_ok
@@ -336,13 +325,12 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   tile_len: torch.Tensor | None = None, return_gap: bool = False,
                                   sub_n: int | None = None, num_warps: int | None = None,
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
-                                  tma: bool | None = None, warp_specialize: bool | None = None,
-                                  gap_group: int | None = None):
+                                  tma: bool | None = None, warp_specialize: bool | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-    Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, within
-    run-to-run noise of the best of the sweep in ``benchmarks/sparse.py`` on an H100 at the Wan
-    480p shape, d=128, and the fastest for the sparse methods' full step):
+    Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, the fastest
+    for sparse layouts in the sweep of ``benchmarks/sparse.py`` at the Wan 480p shape, d=128, and in
+    the sparse methods' full step; :func:`launch_for` gives the knobs for nearly dense layouts):
     ``sub_n`` (a power of two dividing ``block_n``: keys per inner step), ``num_warps``,
     ``num_stages``; ``tma`` loads q, k, v through tensor descriptors (Hopper's TMA) where the
     inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
@@ -360,12 +348,10 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
     knobs = _launch_knobs(D, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
-                          warp_specialize=warp_specialize, gap_group=gap_group)
+                          warp_specialize=warp_specialize)
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
-    if knobs["gap_group"] < 1 or knobs["gap_group"] & (knobs["gap_group"] - 1):
-        raise ValueError(f"gap_group: must be a power of two >= 1, got {knobs['gap_group']}")
     n_q = math.ceil(S_q / block_m)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, S_q, device=q.device, dtype=torch.float32) if return_lse else out
@@ -394,7 +380,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=sub_n,
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
-        WARP_SPEC=bool(knobs["warp_specialize"]), GAP_GROUP=knobs["gap_group"],
+        WARP_SPEC=bool(knobs["warp_specialize"]),
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
@@ -402,16 +388,25 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     return _outputs(out, lse if return_lse else None, gap if return_gap else None)
 
 
-# Launch knobs of block_sparse_attention_triton when not given (sub_n at most the key tile; 4 warps
-# for head_dim <= 64).
-LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 3, "tma": False, "warp_specialize": False,
-                   "gap_group": 1}
+# Launch knobs of block_sparse_attention_triton when not given (sub_n at most the key tile), tuned for
+# sparse layouts at head_dim 128: 128-key steps over 2 stages were the fastest of the H200 sweep at
+# densities 0.25 and 0.1 (sparse-NVIDIA-H200-2026-11-30.json) and in the full Wan step; head_dim <= 64
+# keeps 64-key steps, 3 stages and 4 warps.
+LAUNCH_DEFAULTS = {"sub_n": 128, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False}
+# Layouts that visit (nearly) every tile: 64-key steps over 3 stages were the fastest at density 1.
+DENSE_LAUNCH = {"sub_n": 64, "num_stages": 3}
+
+
+def launch_for(density: float) -> dict:
+    """Launch knobs for a layout visiting this fraction of the tiles: :data:`DENSE_LAUNCH` from 0.75
+    up, the defaults below (an empty dict)."""
+    return dict(DENSE_LAUNCH) if density >= 0.75 else {}
 
 
 def _launch_knobs(head_dim: int, **given) -> dict:
     knobs = dict(LAUNCH_DEFAULTS)
     if head_dim <= 64:
-        knobs["num_warps"] = 4
+        knobs.update(num_warps=4, sub_n=64, num_stages=3)
     knobs.update({k: v for k, v in given.items() if v is not None})
     return knobs
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..kernels.block_sparse import (
+    DENSE_LAUNCH,
     block_sparse_attention,
+    launch_for,
     tiles_to_blocks,
 )
 from ..kernels.next_layout import next_blocks
@@ -193,17 +195,19 @@ class Neighborhood(_TiledSparse):
             tiles = window_tiles(order, self.window_tokens(order.grid), self.stride)[None, None]
             blocks, counts = tiles_to_blocks(tiles)
             device = order.index.device
-            self._layouts[key] = (tiles.to(device), blocks.to(device), counts.to(device), order)  # order pins id()
-        return self._layouts[key][:3]
+            launch = launch_for(tiles.float().mean().item())  # host tensors: no sync
+            # order pins id()
+            self._layouts[key] = (tiles.to(device), blocks.to(device), counts.to(device), launch, order)
+        return self._layouts[key][:4]
 
     def __call__(self, query, key, value, attn_mask, call: AttentionCall | None = None):
         order = self._order(query, key, attn_mask, call)
         if order is None or self._dense_step(order, call, query):
             return self._dense(query, key, value, attn_mask, call)
-        tiles, blocks, counts = self._layout(order)
+        tiles, blocks, counts, launch = self._layout(order)
         self._count(tiles, order, query.shape[0] * query.shape[1])
         return block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
-                                      seq_index=order.index)
+                                      seq_index=order.index, **launch)
 
 
 @dataclass
@@ -274,7 +278,8 @@ class TemporalSparse(_TiledSparse):
         if full_now:
             self._count_full(order, B * H)
         out, lse, gap = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
-                                               seq_index=order.index, return_lse=True, return_gap=True)
+                                               seq_index=order.index, return_lse=True, return_gap=True,
+                                               **(DENSE_LAUNCH if full_now else {}))
         self._update(state, gap, lse, blocks, counts, order, full_now, B * H)
         return out
 
