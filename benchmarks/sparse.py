@@ -29,6 +29,7 @@ from dit_accel.kernels.block_sparse import (
     TILE,
     add_dense_ranges,
     block_sparse_attention,
+    block_sparse_attention_reference,
     block_sparse_attention_triton,
     tiles_to_blocks,
 )
@@ -202,7 +203,8 @@ def _method_inputs(grid, text: int, heads: int, dim: int, density: float, iters:
 def bench_extras(name: str, grid, text: int, heads: int, dim: int, densities, iters: int) -> list[dict]:
     """What TemporalSparse's extra outputs cost inside the kernel, per launch configuration: the
     call as the method makes it (model-order q, k, v through ``seq_index``, the packed order's
-    ``tile_len``) with no extras, with the LSE only, and with gap + LSE."""
+    ``tile_len``) with no extras, with the LSE only, and with gap + LSE. Each call's outputs are also
+    checked on the first head against the PyTorch reference twin (the GPU-only code paths)."""
     rows = []
     for density in densities:
         _, order, (q, k, v), dense_ms = _method_inputs(grid, text, heads, dim, density, iters)
@@ -218,12 +220,34 @@ def bench_extras(name: str, grid, text: int, heads: int, dim: int, densities, it
                     return block_sparse_attention_triton(q, k, v, blocks, counts, tile_len=order.tile_len,
                                                          seq_index=order.index, return_lse=lse, return_gap=gap,
                                                          **knobs)
+                errors = _errors_against_reference(call(), q, k, v, blocks, counts, order, lse, gap)
                 ms, base = _timed_against_dense(call, q, k, v, iters)
                 rows.append(dict(shape=name, density=round(mask.float().mean().item(), 4), launch=config_label(config),
                                  extras=config_label(extras), ms=round(ms, 3), baseline_ms=round(base, 3),
-                                 ratio=round(base / ms, 3)))
+                                 ratio=round(base / ms, 3), **errors))
                 print(f"  {rows[-1]}", flush=True)
     return rows
+
+
+def _errors_against_reference(result, q, k, v, blocks, counts, order, lse: bool, gap: bool) -> dict:
+    """Max abs differences of the kernel's outputs (``result``) from the reference twin's, first head;
+    the gap's ``-inf`` pattern must agree exactly (else its error is reported as ``inf``)."""
+    got = result if isinstance(result, tuple) else (result,)
+    ref = block_sparse_attention_reference(q[:, :1], k[:, :1], v[:, :1], blocks[:, :1], counts[:, :1],
+                                           tile_len=order.tile_len, seq_index=order.index, return_lse=lse,
+                                           return_gap=gap)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    errors = {"out_max_abs_err": float((got[0][:, :1].float() - ref[0].float()).abs().max())}
+    if lse:
+        valid = ref[1].isfinite()
+        errors["lse_max_abs_err"] = float((got[1][:, :1] - ref[1])[valid].abs().max())
+    if gap:
+        g, r = got[-1][:, :1], ref[-1]
+        same = torch.equal(g.isfinite(), r.isfinite())
+        errors["gap_max_abs_err"] = float((g - r)[r.isfinite()].abs().max()) if same else float("inf")
+    del ref
+    torch.cuda.empty_cache()
+    return {k: round(e, 5) for k, e in errors.items()}
 
 
 def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: float, iters: int) -> list[dict]:
