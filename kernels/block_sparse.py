@@ -221,7 +221,7 @@ if triton is not None:
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        GAP_PARTS: tl.constexpr, MASK_ADD: tl.constexpr,
+        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -287,10 +287,7 @@ if triton is not None:
                 kt = kt.to(tl.float32)
             qk = tl.dot(q, kt)
             if start_n + SUB_N > k_end:  # only a ragged or padded tile
-                if MASK_ADD:
-                    qk = qk + tl.where(col_ok, 0.0, float("-inf"))[None, :]
-                else:
-                    qk = tl.where(col_ok[None, :], qk, float("-inf"))
+                qk = tl.where(col_ok[None, :], qk, float("-inf"))
             # the softmax scale is folded into the exponent (one FMA per score, as in Triton's tutorial)
             qk_max = tl.max(qk, 1) * qk_scale
             m_new = tl.maximum(m_i, qk_max)
@@ -310,17 +307,18 @@ if triton is not None:
                 tile_rm = tl.maximum(tile_rm, qk_max)
                 if i % R == R - 1:  # layout tile finished: its gap against the running max
                     g = tl.where(row_live & (tile_rm > float("-inf")), tile_rm - m_new, float("-inf"))
-                    # the max over each GAP_PARTS-th of the rows (16 consecutive rows: one warp's
-                    # share of the MMA layout, so no cross-warp exchange or barrier); the wrapper
-                    # takes the max over the parts
+                    # the max over each of GAP_PARTS groups of ROWS consecutive rows (16 at BLOCK_M
+                    # 128: rows one warp holds in the MMA layout, so no cross-warp exchange and no
+                    # barrier in the loop); the wrapper takes the max over the groups
                     ROWS: tl.constexpr = BLOCK_M // GAP_PARTS
                     gr = tl.reshape(g, [GAP_PARTS, ROWS])
-                    lrow = tl.reshape(tl.arange(0, BLOCK_M) + (g < g).to(tl.int32), [GAP_PARTS, ROWS])  # in g's layout
+                    in_g_layout = (g < g).to(tl.int32)  # zeros laid out as g: the row numbers follow it
+                    lrow = tl.reshape(tl.arange(0, BLOCK_M) + in_g_layout, [GAP_PARTS, ROWS])
                     gp = tl.max(gr, 1)[:, None] + tl.zeros_like(gr)
                     slot = (i // R) * GAP_PARTS + lrow // ROWS
-                    if DOT_F32:  # CPU interpreter
+                    if not PTX_STORE:  # CPU interpreter (no inline assembly there)
                         tl.store(gap_row + slot, gp, mask=lrow % ROWS == 0)
-                    else:  # a plain store would be re-laid out for coalescing (shared memory + a barrier)
+                    else:  # tl.store would be re-laid out for coalescing (shared memory + a barrier)
                         tl.inline_asm_elementwise(
                             "{ .reg .pred p; .reg .u64 a; setp.eq.s32 p, $3, 0; mad.wide.s32 a, $2, 4, $4; "
                             "@p st.global.b32 [a], $1; mov.b32 $0, 0; }",
@@ -344,8 +342,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   tile_len: torch.Tensor | None = None, return_gap: bool = False,
                                   sub_n: int | None = None, num_warps: int | None = None,
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
-                                  tma: bool | None = None, warp_specialize: bool | None = None,
-                                  mask_add: bool | None = None):
+                                  tma: bool | None = None, warp_specialize: bool | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, the fastest
@@ -368,7 +365,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
     knobs = _launch_knobs(D, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
-                          warp_specialize=warp_specialize, mask_add=mask_add)
+                          warp_specialize=warp_specialize)
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
@@ -401,7 +398,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=sub_n,
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
-        WARP_SPEC=bool(knobs["warp_specialize"]), GAP_PARTS=parts, MASK_ADD=bool(knobs["mask_add"]),
+        WARP_SPEC=bool(knobs["warp_specialize"]), GAP_PARTS=parts, PTX_STORE=q.is_cuda,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
@@ -412,7 +409,10 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
 
 
 # The kernel writes each visited tile's gap as the maxima over GAP_PARTS groups of consecutive query
-# rows (each group within one warp: no barrier in the key loop); the wrapper reduces the groups.
+# rows (each group within one warp: no barrier in the key loop) into a transient float32 scratch
+# GAP_PARTS times the gap output's size; the wrapper reduces the groups. Measured on the H200 at the
+# Wan 480p shape, 25% density: the gap + LSE outputs cost 6.6% of the call this way, 14-19% with one
+# reduction across all rows per tile (sparse-extras-NVIDIA-H200-2026-11-30.json).
 GAP_PARTS = 8
 
 
@@ -420,15 +420,14 @@ GAP_PARTS = 8
 # sparse layouts at head_dim 128: 128-key steps over 2 stages were the fastest of the H200 sweep at
 # densities 0.25 and 0.1 (sparse-NVIDIA-H200-2026-11-30.json) and in the full Wan step; head_dim <= 64
 # keeps 64-key steps, 3 stages and 4 warps.
-LAUNCH_DEFAULTS = {"sub_n": 128, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
-                   "mask_add": False}
+LAUNCH_DEFAULTS = {"sub_n": 128, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False}
 # Layouts that visit (nearly) every tile: 64-key steps over 3 stages were the fastest at density 1.
 DENSE_LAUNCH = {"sub_n": 64, "num_stages": 3}
 
 
 def launch_for(density: float) -> dict:
     """Launch knobs for a layout visiting this fraction of the tiles: :data:`DENSE_LAUNCH` from 0.75
-    up, the defaults below (an empty dict)."""
+    up, else none (the defaults)."""
     return dict(DENSE_LAUNCH) if density >= 0.75 else {}
 
 
