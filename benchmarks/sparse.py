@@ -57,7 +57,7 @@ SPLIT_CONFIGS = [dict(block_m=64, sub_n=n, num_warps=4, num_stages=st) for n, st
 EXTRAS_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=3), dict(sub_n=128, num_warps=8, num_stages=2)]
 # (gap_group, several layout tiles' gaps reduced at once, was measured slower at 4 and 16 and removed:
 # sparse-extras-NVIDIA-H200-2026-11-30.json)
-EXTRAS = [{}, dict(lse=True), dict(lse=True, gap=True)]
+EXTRAS = [{}, dict(lse=True), dict(gap=True), dict(gap=True, drop=True)]
 TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws)
                for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
 
@@ -203,24 +203,31 @@ def _method_inputs(grid, text: int, heads: int, dim: int, density: float, iters:
 def bench_extras(name: str, grid, text: int, heads: int, dim: int, densities, iters: int) -> list[dict]:
     """What TemporalSparse's extra outputs cost inside the kernel, per launch configuration: the
     call as the method makes it (model-order q, k, v through ``seq_index``, the packed order's
-    ``tile_len``) with no extras, with the LSE only, and with gap + LSE. Each call's outputs are also
-    checked on the first head against the PyTorch reference twin (the GPU-only code paths)."""
+    ``tile_len``) with no extras, with the LSE output only, with the gap output, and with the gap
+    plus the LSE drop against an earlier pass summed in the kernel (what the method's sparse passes
+    ask for). Each call's outputs are also checked on the first head against the PyTorch reference
+    twin (the GPU-only code paths)."""
     rows = []
     for density in densities:
         _, order, (q, k, v), dense_ms = _method_inputs(grid, text, heads, dim, density, iters)
         n = order.tile_len.numel()
         mask = random_layout(order.length, heads, density, order.text, seed=7).cuda()
         blocks, counts = tiles_to_blocks(mask, width=n)
+        full = tiles_to_blocks(torch.ones_like(mask[:1, :1]), width=n)
+        prev = block_sparse_attention_triton(q, k, v, *full, tile_len=order.tile_len, seq_index=order.index,
+                                             return_lse=True)[1]  # the LSE of a full pass
         for config in EXTRAS_CONFIGS:
             for extras in EXTRAS:
                 knobs = dict(config, **extras)
-                lse, gap = knobs.pop("lse", False), knobs.pop("gap", False)
+                lse, gap, drop = knobs.pop("lse", False), knobs.pop("gap", False), knobs.pop("drop", False)
+                total = torch.zeros(1, dtype=torch.float64, device=q.device)
 
-                def call(knobs=knobs, lse=lse, gap=gap):
+                def call(knobs=knobs, lse=lse, gap=gap, drop=drop, total=total):
                     return block_sparse_attention_triton(q, k, v, blocks, counts, tile_len=order.tile_len,
                                                          seq_index=order.index, return_lse=lse, return_gap=gap,
-                                                         **knobs)
-                errors = _errors_against_reference(call(), q, k, v, blocks, counts, order, lse, gap)
+                                                         lse_drop=(prev, total) if drop else None, **knobs)
+                errors = _errors_against_reference(call(), q, k, v, blocks, counts, order, lse, gap,
+                                                   prev if drop else None, knobs)
                 ms, base = _timed_against_dense(call, q, k, v, iters)
                 rows.append(dict(shape=name, density=round(mask.float().mean().item(), 4), launch=config_label(config),
                                  extras=config_label(extras), ms=round(ms, 3), baseline_ms=round(base, 3),
@@ -229,9 +236,11 @@ def bench_extras(name: str, grid, text: int, heads: int, dim: int, densities, it
     return rows
 
 
-def _errors_against_reference(result, q, k, v, blocks, counts, order, lse: bool, gap: bool) -> dict:
+def _errors_against_reference(result, q, k, v, blocks, counts, order, lse: bool, gap: bool, prev=None,
+                              knobs=None) -> dict:
     """Max abs differences of the kernel's outputs (``result``) from the reference twin's, first head;
-    the gap's ``-inf`` pattern must agree exactly (else its error is reported as ``inf``)."""
+    the gap's ``-inf`` pattern must agree exactly (else its error is reported as ``inf``). With
+    ``prev``, the first head's summed LSE drop is compared too (a kernel call on that head alone)."""
     got = result if isinstance(result, tuple) else (result,)
     ref = block_sparse_attention_reference(q[:, :1], k[:, :1], v[:, :1], blocks[:, :1], counts[:, :1],
                                            tile_len=order.tile_len, seq_index=order.index, return_lse=lse,
@@ -245,6 +254,13 @@ def _errors_against_reference(result, q, k, v, blocks, counts, order, lse: bool,
         g, r = got[-1][:, :1], ref[-1]
         same = torch.equal(g.isfinite(), r.isfinite())
         errors["gap_max_abs_err"] = float((g - r)[r.isfinite()].abs().max()) if same else float("inf")
+    if prev is not None:
+        totals = []
+        for fn in (block_sparse_attention_triton, block_sparse_attention_reference):
+            totals.append(torch.zeros(1, dtype=torch.float64, device=q.device))
+            fn(q[:, :1], k[:, :1], v[:, :1], blocks[:, :1], counts[:, :1], tile_len=order.tile_len,
+               seq_index=order.index, lse_drop=(prev[:, :1].contiguous(), totals[-1]), **(knobs or {}))
+        errors["drop_rel_err"] = float((totals[0] - totals[1]).abs() / totals[1].abs().clamp_min(1e-30))
     del ref
     torch.cuda.empty_cache()
     return {k: round(e, 5) for k, e in errors.items()}
@@ -254,8 +270,9 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
     """The cost of the tile layout and of TemporalSparse's bookkeeping, each as a fraction of one
     cuDNN dense attention call: the kernel reading model-order q, k, v through ``seq_index`` vs the
     same kernel on tensors already in tiled order (what the methods pay), gather + scatter copies
-    (the alternative), and the bookkeeping (the next layout straight from the kernel's gaps, the
-    refresh check and the density count). The bookkeeping is timed two ways: queued behind its
+    (the alternative), the kernel's extras as the method asks for them (gap output, LSE drop summed
+    in the kernel), and the bookkeeping (the next layout straight from the kernel's gaps, the
+    refresh decision and the density count, in one launch, plus zeroing the drop's total). The bookkeeping is timed two ways: queued behind its
     attention call, as in a pipeline, where only its GPU work adds to the call (the figure that counts),
     and alone with a synchronization around it, where the host's kernel launches bound it."""
     method, order, (q, k, v), dense_ms = _method_inputs(grid, text, heads, dim, density, iters)
@@ -269,29 +286,32 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
     n = order.tile_len.numel()
     mask = random_layout(order.length, heads, density, order.text, seed=7).cuda()
     blocks, counts = tiles_to_blocks(mask, width=n)
-    _, lse, gap = block_sparse_attention(qt, kt, vt, blocks, counts, tile_len=order.tile_len, return_lse=True,
-                                         return_gap=True)
-    state = {"lse": lse.clone()}
+    state = {}  # one layer's state as the method keeps it: a full pass (the LSE reference), then this layout
+    method._attend(q, k, v, order, state, *tiles_to_blocks(torch.ones_like(mask[:1, :1]), width=n), True)
+    _, gap = method._attend(q, k, v, order, state, blocks, counts, False)
 
-    def bookkeeping():  # per call, besides the kernel: next layout, refresh check, density count
-        method._update(state, gap, lse, blocks, counts, order, False, heads)
+    def bookkeeping():  # per call, besides the kernel: next layout, refresh decision, pairs; drop total zeroed
+        method._update(state, gap, blocks, counts, order, False, heads)
         return state["blocks"]
 
-    def kernel(indexed: bool, extras: bool = False):
+    def kernel(indexed: bool):
         args = (q, k, v) if indexed else (qt, kt, vt)
         index = order.index if indexed else None
-        return lambda: block_sparse_attention(*args, blocks, counts, tile_len=order.tile_len, seq_index=index,
-                                              return_lse=extras, return_gap=extras)
+        return lambda: block_sparse_attention(*args, blocks, counts, tile_len=order.tile_len, seq_index=index)
+
+    def method_kernel():  # the kernel as the method calls it: gap output, LSE drop summed on the device
+        return method._attend(q, k, v, order, state, blocks, counts, False)
 
     def call_with_bookkeeping():  # what a TemporalSparse call runs: the kernel with its extras, then the bookkeeping
-        kernel(True, True)()
-        return bookkeeping()
+        _, g = method_kernel()
+        method._update(state, g, blocks, counts, order, False, heads)
+        return state["blocks"]
 
     copy_ms = median(cuda_time_ms(copies, iters=iters))
     book_ms = median(cuda_time_ms(bookkeeping, iters=iters))
     tiled_ms = median(cuda_time_ms(kernel(False), iters=iters))
     indexed_ms = median(cuda_time_ms(kernel(True), iters=iters))
-    extras_ms = median(cuda_time_ms(kernel(True, True), iters=iters))
+    extras_ms = median(cuda_time_ms(method_kernel, iters=iters))
     whole_ms = median(cuda_time_ms(call_with_bookkeeping, iters=iters))
     base = dict(shape=name, seq=seq, tile=list(order.tile), tiles=n, density=round(mask.float().mean().item(), 4),
                 dense_ms=round(dense_ms, 3), kernel_tiled_ms=round(tiled_ms, 3), kernel_indexed_ms=round(indexed_ms, 3),
@@ -305,7 +325,7 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
              ms=round(whole_ms - extras_ms, 3), of_dense=round((whole_ms - extras_ms) / dense_ms, 4)),
         dict(base, part="TemporalSparse bookkeeping alone, synchronized (bound by host launches)", ms=round(book_ms, 3),
              of_dense=round(book_ms / dense_ms, 4)),
-        dict(base, part="kernel extra for gap + LSE outputs", ms=round(extras_ms - indexed_ms, 3),
+        dict(base, part="kernel extra for the gap output and the LSE drop", ms=round(extras_ms - indexed_ms, 3),
              of_dense=round((extras_ms - indexed_ms) / dense_ms, 4)),
     ]
 

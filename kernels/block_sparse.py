@@ -119,12 +119,21 @@ def _outputs(out, lse=None, gap=None):
 def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
                                      scale: float | None = None, return_lse: bool = False,
                                      tile_len: torch.Tensor | None = None, return_gap: bool = False,
-                                     seq_index: torch.Tensor | None = None, **_launch):
+                                     seq_index: torch.Tensor | None = None, lse_drop: tuple | None = None,
+                                     **_launch):
     """PyTorch twin of :func:`block_sparse_attention` (fp32 math through an explicit mask).
 
     Launch knobs of the kernel (``sub_n``, ``num_warps``, ``num_stages``) are accepted and ignored.
     """
-    _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len, seq_index)
+    S_q, _ = _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len, seq_index)
+    _check_lse_drop(lse_drop, q.shape[0], q.shape[1], S_q)
+    if lse_drop is not None:
+        res = block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
+                                               scale=scale, return_lse=True, tile_len=tile_len,
+                                               return_gap=return_gap, seq_index=seq_index)
+        prev, total = lse_drop
+        total.add_(lse_drop_sum(prev, res[1]).to(total.dtype))
+        return _outputs(res[0], res[1] if return_lse else None, res[2] if return_gap else None)
     if seq_index is not None:  # gather into the tiled order, attend there, write valid slots back
         idx = seq_index.to(q.device).long()
         res = block_sparse_attention_reference(
@@ -175,6 +184,22 @@ def _reference_gap(scores, kv_blocks, kv_counts, row_ok, block_m, block_n) -> to
     return gap.masked_fill(~live, inf)
 
 
+def lse_drop_sum(prev: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of ``max(prev - lse, 0)``, NaN (both ``-inf``) counted as 0 and ``+inf`` as the
+    largest float32: what ``lse_drop`` adds, in float64."""
+    d = (prev.double() - lse.double()).nan_to_num(0.0, posinf=torch.finfo(torch.float32).max)
+    return d.clamp(0.0, torch.finfo(torch.float32).max).sum()
+
+
+def _check_lse_drop(lse_drop, B: int, H: int, S_q: int) -> None:
+    if lse_drop is None:
+        return
+    prev, total = lse_drop
+    if prev.shape != (B, H, S_q) or prev.dtype != torch.float32 or total.numel() != 1 or total.dtype != torch.float64:
+        raise ValueError(f"lse_drop: expected (prev_lse float32 [{B}, {H}, {S_q}], total float64 with one element); "
+                         f"got {prev.dtype} {tuple(prev.shape)} and {total.dtype} {tuple(total.shape)}")
+
+
 def _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len=None, seq_index=None) -> tuple[int, int]:
     """Validate the inputs; returns the (query, key) lengths the layout counts in (tiled when
     ``seq_index`` is given)."""
@@ -214,14 +239,14 @@ if triton is not None:
 
     @triton.jit
     def _block_sparse_fwd(
-        Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, Index, DescQ, DescK, DescV, sm_scale,
+        Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, Index, DescQ, DescK, DescV, PrevLse, DropSum, sm_scale,
         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
         sbb, sbh, sbm, scb, sch, sgm,
         H, N_Q, S_Q, S_K, HEAD_D,
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr,
+        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -332,9 +357,15 @@ if triton is not None:
             out_ok = row_live
         tl.store(Out + b * sob + h * soh + q_pos[:, None] * sos + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=out_ok[:, None] & d_ok[None, :])
-        if RETURN_LSE:
+        if RETURN_LSE or LSE_DROP:
             lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-            tl.store(Lse + pid_bh * S_Q + offs_m, lse, mask=row_ok)
+            if RETURN_LSE:
+                tl.store(Lse + pid_bh * S_Q + offs_m, lse, mask=row_ok)
+            if LSE_DROP:  # sum over rows of max(prev - lse, 0), NaN as 0, +inf as the largest float
+                prev = tl.load(PrevLse + pid_bh * S_Q + offs_m, mask=row_ok, other=0.0)
+                d = prev - lse
+                d = tl.where(d != d, 0.0, tl.minimum(tl.maximum(d, 0.0), 3.4028234663852886e38))
+                tl.atomic_add(DropSum, tl.sum(tl.where(row_ok, d, 0.0).to(tl.float64), 0))
 
 
 def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
@@ -342,7 +373,8 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   tile_len: torch.Tensor | None = None, return_gap: bool = False,
                                   sub_n: int | None = None, num_warps: int | None = None,
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
-                                  tma: bool | None = None, warp_specialize: bool | None = None):
+                                  tma: bool | None = None, warp_specialize: bool | None = None,
+                                  lse_drop: tuple | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, the fastest
@@ -358,6 +390,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     if triton is None:
         raise RuntimeError("block_sparse_attention_triton: triton is not installed; use the reference twin")
     S_q, S_k = _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len, seq_index)
+    _check_lse_drop(lse_drop, q.shape[0], q.shape[1], S_q)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, _, D = q.shape
@@ -391,7 +424,8 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                         "a head_dim that is not a power of two, or unaligned strides); using pointer loads")
     grid = (n_q, B * H)
     _block_sparse_fwd[grid](
-        q, k, v, out, lse, gap, blocks, counts, lens, index, *(descs or (q, k, v)), scale,
+        q, k, v, out, lse, gap, blocks, counts, lens, index, *(descs or (q, k, v)),
+        *(lse_drop if lse_drop is not None else (lse, lse)), scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *sb, *sc, blocks.shape[-1] * parts, H, n_q, S_q, S_k, D,
@@ -399,6 +433,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
         WARP_SPEC=bool(knobs["warp_specialize"]), GAP_PARTS=parts, PTX_STORE=q.is_cuda,
+        LSE_DROP=lse_drop is not None,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
@@ -478,7 +513,7 @@ def triton_usable(t: torch.Tensor) -> bool:
 def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
                            scale: float | None = None, return_lse: bool = False,
                            tile_len: torch.Tensor | None = None, return_gap: bool = False,
-                           seq_index: torch.Tensor | None = None, **launch):
+                           seq_index: torch.Tensor | None = None, lse_drop: tuple | None = None, **launch):
     """Block-sparse attention: the Triton kernel where it can run, else the reference twin (logged once).
 
     Args:
@@ -493,6 +528,10 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
         seq_index: int ``[S_tiled]``, the model position of each tiled slot (padding slots repeat
             one; ``tile_len`` marks them): q, k, v and the output stay in model order while the
             layout, ``tile_len``, LSE and gap count in tiled order (see the module docstring).
+        lse_drop: ``(prev_lse, total)``: float32 ``[B, H, S]`` LSE of an earlier pass over the same
+            rows and a one-element float64 tensor; the call adds to ``total`` the sum over rows of
+            ``max(prev_lse - lse, 0)`` (:func:`lse_drop_sum`), so TemporalSparse's error check needs
+            neither the LSE output nor another pass.
         launch: ``sub_n``, ``num_warps``, ``num_stages`` for the kernel.
 
     Returns ``out``, or a tuple ``(out, lse?, gap?)`` with the requested extras in that order.
@@ -500,7 +539,8 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
     if triton_usable(q):
         return block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                              scale=scale, return_lse=return_lse, tile_len=tile_len,
-                                             return_gap=return_gap, seq_index=seq_index, **launch)
+                                             return_gap=return_gap, seq_index=seq_index, lse_drop=lse_drop,
+                                             **launch)
     key = q.device.type
     if key not in _warned:
         _warned.add(key)
@@ -508,4 +548,4 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
                     "(explicit mask, slower)", key)
     return block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                             scale=scale, return_lse=return_lse, tile_len=tile_len,
-                                            return_gap=return_gap, seq_index=seq_index)
+                                            return_gap=return_gap, seq_index=seq_index, lse_drop=lse_drop)

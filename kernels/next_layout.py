@@ -73,9 +73,10 @@ def next_mask_reference(gap, blocks, counts, *, n_k: int, threshold: float, k_mi
 if triton is not None:
 
     @triton.jit
-    def _next_mask_kernel(Gap, Blocks, Counts, Mask, CountsOut, TileLen, RowPairs, Refresh, threshold, H, N_Q, W,
-                          N_K, TEXT_TILE, K_MIN, K_MAX, sbb, sbh, scb, sch, W_PAD: tl.constexpr,
-                          COMPACT: tl.constexpr, PAIRS: tl.constexpr, REFRESH: tl.constexpr):
+    def _next_mask_kernel(Gap, Blocks, Counts, Mask, CountsOut, TileLen, RowPairs, Refresh, threshold, refresh_above,
+                          pairs_scale, H, N_Q, W, N_K, TEXT_TILE, K_MIN, K_MAX, sbb, sbh, scb, sch,
+                          W_PAD: tl.constexpr, COMPACT: tl.constexpr, PAIRS: tl.constexpr, PAIRS_SUM: tl.constexpr,
+                          REFRESH: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -98,13 +99,17 @@ if triton is not None:
         keep = live & (keep | (blk >= TEXT_TILE) | (pid_m >= TEXT_TILE))
         if PAIRS:  # (query, key) token pairs this row computed in the layout just run
             lens = tl.load(TileLen + blk, mask=live, other=0).to(tl.float32)
-            tl.store(RowPairs + row, tl.sum(lens, 0) * tl.load(TileLen + pid_m).to(tl.float32))
+            row_pairs = tl.sum(lens, 0) * tl.load(TileLen + pid_m).to(tl.float32)
+            if PAIRS_SUM:  # straight into a running float64 total: no per-row output to reduce
+                tl.atomic_add(RowPairs, row_pairs.to(tl.float64) * pairs_scale)
+            else:
+                tl.store(RowPairs + row, row_pairs)
         if COMPACT:  # the kept entries, in visiting order, as the next layout's blocks and counts
             kept = keep.to(tl.int32)
             pos = tl.cumsum(kept, 0) - 1
             total = tl.sum(kept, 0)
-            if REFRESH:  # the refresh flag set: every key tile instead
-                full = tl.load(Refresh) != 0
+            if REFRESH:  # the refresh value above its bound: every key tile instead
+                full = tl.load(Refresh) > refresh_above
                 kept = tl.where(full, (offs < N_K).to(tl.int32), kept)
                 pos = tl.where(full, offs, pos)
                 blk = tl.where(full, offs, blk)
@@ -139,7 +144,7 @@ def next_mask(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_
 
 
 def _launch(gap, blocks, counts, out, counts_out, n_k, threshold, k_min, k_max, text_tile, compact: bool,
-            tile_len=None, pairs=None, refresh=None) -> None:
+            tile_len=None, pairs=None, refresh=None, refresh_above=None, pairs_sum=None, pairs_scale=1.0) -> None:
     _check(gap, blocks, counts, n_k, k_min, k_max)
     B, H, n_q, W = gap.shape
     gap = gap.float().contiguous()
@@ -148,12 +153,16 @@ def _launch(gap, blocks, counts, out, counts_out, n_k, threshold, k_min, k_max, 
         blocks = blocks.contiguous()
     counts = counts.to(torch.int32)
     lens = tile_len.to(device=gap.device, dtype=torch.int32).contiguous() if tile_len is not None else counts
-    flag = refresh.to(device=gap.device, dtype=torch.int32).reshape(1) if refresh is not None else counts
+    flag = counts
+    if refresh is not None:  # a bool flag is compared as an int against 0
+        flag = refresh.reshape(1) if refresh_above is not None else refresh.to(gap.device, torch.int32).reshape(1)
+    pairs_out = pairs_sum if pairs_sum is not None else pairs
     _next_mask_kernel[(n_q, B * H)](
-        gap, blocks, counts, out, counts_out, lens, pairs if pairs is not None else gap, flag, float(threshold), H,
-        n_q, W, n_k, n_k if text_tile is None else text_tile, k_min, k_max, *lead_strides(blocks),
-        *lead_strides(counts), W_PAD=max(16, triton.next_power_of_2(W)), COMPACT=compact, PAIRS=pairs is not None,
-        REFRESH=refresh is not None, num_warps=4,
+        gap, blocks, counts, out, counts_out, lens, pairs_out if pairs_out is not None else gap, flag,
+        float(threshold), float(refresh_above or 0.0), float(pairs_scale), H, n_q, W, n_k,
+        n_k if text_tile is None else text_tile, k_min, k_max, *lead_strides(blocks), *lead_strides(counts),
+        W_PAD=max(16, triton.next_power_of_2(W)), COMPACT=compact, PAIRS=pairs_out is not None,
+        PAIRS_SUM=pairs_sum is not None, REFRESH=refresh is not None, num_warps=4,
     )
 
 
@@ -161,22 +170,29 @@ class NextLayout(NamedTuple):
     blocks: torch.Tensor  # int32 [B, H, n_q, width], zeros past the count
     counts: torch.Tensor  # int32 [B, H, n_q]
     pairs: torch.Tensor | None  # float32 [B, H, n_q]: token pairs each row computed in the input layout
+    # (None when they were added to ``pairs_sum`` instead)
 
 
-def _check_next(gap, n_k, tile_len, refresh) -> None:
+def _check_next(gap, n_k, tile_len, refresh, refresh_above=None, pairs_sum=None) -> None:
     if refresh is not None and gap.shape[-1] < n_k:
         raise ValueError(f"refresh: the full layout needs width >= n_k={n_k}, got width {gap.shape[-1]}")
     if refresh is not None and refresh.numel() != 1:
-        raise ValueError(f"refresh: expected a one-element bool tensor, got shape {tuple(refresh.shape)}")
+        raise ValueError(f"refresh: expected a one-element tensor, got shape {tuple(refresh.shape)}")
+    if refresh_above is not None and (refresh is None or not refresh.is_floating_point()):
+        raise ValueError("refresh_above: needs refresh as a one-element float tensor (the value compared)")
+    if pairs_sum is not None and (tile_len is None or pairs_sum.numel() != 1 or pairs_sum.dtype != torch.float64):
+        raise ValueError(f"pairs_sum: needs tile_len and a one-element float64 tensor, got "
+                         f"{getattr(pairs_sum, 'dtype', None)} {tuple(getattr(pairs_sum, 'shape', ()))}")
     if tile_len is not None and tile_len.numel() != max(n_k, gap.shape[2]):
         raise ValueError(f"tile_len: expected {max(n_k, gap.shape[2])} tile lengths, got {tile_len.numel()}")
 
 
 def next_blocks_reference(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_max: int,
-                          text_tile: int | None = None, tile_len=None, refresh=None) -> NextLayout:
+                          text_tile: int | None = None, tile_len=None, refresh=None, refresh_above=None,
+                          pairs_sum=None, pairs_scale: float = 1.0) -> NextLayout:
     """PyTorch twin of :func:`next_blocks`."""
     _check(gap, blocks, counts, n_k, k_min, k_max)
-    _check_next(gap, n_k, tile_len, refresh)
+    _check_next(gap, n_k, tile_len, refresh, refresh_above, pairs_sum)
     B, H, n_q, W = gap.shape
     keep, blocks, live = _keep(gap, blocks, counts, n_k, threshold, k_min, k_max, text_tile)
     pos = torch.arange(W, device=gap.device)
@@ -187,15 +203,21 @@ def next_blocks_reference(gap, blocks, counts, *, n_k: int, threshold: float, k_
     if tile_len is not None:
         lens = tile_len.to(gap.device).float()
         pairs = (lens[blocks] * live).sum(-1) * lens[:n_q]
+        if pairs_sum is not None:
+            pairs_sum.add_(pairs.double().sum() * pairs_scale)
+            pairs = None
     if refresh is not None:
+        flag = refresh.reshape(()).to(gap.device)
+        flag = flag > refresh_above if refresh_above is not None else flag.bool()
         full = torch.where(pos < n_k, pos, 0).to(torch.int32).expand(B, H, n_q, W)
-        out = torch.where(refresh.reshape(()).to(gap.device), full, out)
-        kept = torch.where(refresh.reshape(()).to(gap.device), torch.full_like(kept, n_k), kept)
+        out = torch.where(flag, full, out)
+        kept = torch.where(flag, torch.full_like(kept, n_k), kept)
     return NextLayout(out.contiguous(), kept.contiguous(), pairs)
 
 
 def next_blocks(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, k_max: int,
-                text_tile: int | None = None, tile_len=None, refresh=None) -> NextLayout:
+                text_tile: int | None = None, tile_len=None, refresh=None, refresh_above=None,
+                pairs_sum=None, pairs_scale: float = 1.0) -> NextLayout:
     """The next step's layout directly as (blocks, counts), without the tile mask: the entries
     :func:`next_mask` keeps, in the order they were visited, int32 ``[B, H, n_q, width]`` (zeros past
     the count) and ``[B, H, n_q]``. Same arguments as :func:`next_mask`, plus, folded into the same
@@ -204,16 +226,23 @@ def next_blocks(gap, blocks, counts, *, n_k: int, threshold: float, k_min: int, 
     - ``tile_len``: int ``[n_tiles]`` tokens per tile; then ``pairs`` holds, per row, the (query,
       key) token pairs the input layout computed (for density statistics without another pass);
     - ``refresh``: a one-element bool tensor (on the device: no host sync); where true, the next
-      layout is every key tile (needs ``width >= n_k``).
+      layout is every key tile (needs ``width >= n_k``). With ``refresh_above`` (a float), ``refresh``
+      is a one-element float tensor instead and the layout refreshes where it exceeds that bound
+      (TemporalSparse passes the kernel's summed LSE decrease, ``lse_drop``, with no reduction between);
+    - ``pairs_sum``: a one-element float64 tensor (needs ``tile_len``); the launch adds
+      ``pairs_scale`` times the pairs of all rows to it instead of returning them per row.
     """
     if not triton_usable(gap):
         return next_blocks_reference(gap, blocks, counts, n_k=n_k, threshold=threshold, k_min=k_min, k_max=k_max,
-                                     text_tile=text_tile, tile_len=tile_len, refresh=refresh)
-    _check_next(gap, n_k, tile_len, refresh)
+                                     text_tile=text_tile, tile_len=tile_len, refresh=refresh,
+                                     refresh_above=refresh_above, pairs_sum=pairs_sum, pairs_scale=pairs_scale)
+    _check_next(gap, n_k, tile_len, refresh, refresh_above, pairs_sum)
     B, H, n_q, W = gap.shape
     out = torch.empty(B, H, n_q, W, dtype=torch.int32, device=gap.device)  # the kernel writes every entry
     kept = torch.empty(B, H, n_q, dtype=torch.int32, device=gap.device)
-    pairs = torch.empty(B, H, n_q, dtype=torch.float32, device=gap.device) if tile_len is not None else None
+    pairs = (torch.empty(B, H, n_q, dtype=torch.float32, device=gap.device)
+             if tile_len is not None and pairs_sum is None else None)
     _launch(gap, blocks, counts, out, kept, n_k, threshold, k_min, k_max, text_tile, compact=True,
-            tile_len=tile_len, pairs=pairs, refresh=refresh)
+            tile_len=tile_len, pairs=pairs, refresh=refresh, refresh_above=refresh_above, pairs_sum=pairs_sum,
+            pairs_scale=pairs_scale)
     return NextLayout(out, kept, pairs)

@@ -261,3 +261,49 @@ def test_seq_index_without_tile_len_must_be_a_permutation():
     with pytest.raises(ValueError, match="seq_index"):
         bs.block_sparse_attention_reference(q, k, v, blocks, counts, block_m=32, block_n=32,
                                             seq_index=torch.arange(96) % 64)
+
+
+def _oracle_drop(prev: torch.Tensor, lse: torch.Tensor) -> float:
+    """Independent sum of the LSE decrease per row: 0 where the earlier LSE is -inf, the largest
+    float32 where only the new one is, else max(prev - lse, 0)."""
+    total = 0.0
+    for p, cur in zip(prev.flatten().tolist(), lse.flatten().tolist()):
+        if p == float("-inf"):
+            continue
+        total += torch.finfo(torch.float32).max if cur == float("-inf") else max(p - cur, 0.0)
+    return total
+
+
+def test_lse_drop_sums_the_decrease_against_an_earlier_pass():
+    """``lse_drop`` adds the sum over rows of max(prev - lse, 0) to a float64 total (TemporalSparse's
+    refresh check inside the kernel): kernel and reference against a float64 oracle, rows with an
+    empty layout included; the other outputs are those of the call without it."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    tile, S = 32, 150
+    q, k, v = _inputs(2, 2, S, 64, torch.bfloat16, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    n = math.ceil(S / tile)
+    tile_mask = (torch.rand(2, 2, n, n, generator=g) < 0.5) | torch.eye(n, dtype=torch.bool)
+    tile_mask[1, 0, 2] = False  # an empty query tile: output 0, LSE -inf
+    blocks, counts = bs.tiles_to_blocks(tile_mask)
+    _, exact_lse = _float64_attention(q, k, v, tile_mask, tile)
+    empty = ~exact_lse.isfinite()
+    prev = (exact_lse + torch.randn(exact_lse.shape, generator=g, dtype=torch.float64)).float()
+    prev[empty] = float("-inf")  # both -inf: counts 0
+    prev[0, 1, :7] = float("-inf")  # only the earlier pass -inf: counts 0
+    expect = _oracle_drop(prev.double(), exact_lse)
+    plain = bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=tile, block_n=tile, return_gap=True)
+    for name, fn in (("kernel", bs.block_sparse_attention_triton), ("reference", bs.block_sparse_attention_reference)):
+        total = torch.zeros(1, dtype=torch.float64)
+        out, gap = fn(q, k, v, blocks, counts, block_m=tile, block_n=tile, return_gap=True, lse_drop=(prev, total))
+        assert abs(total.item() - expect) <= 1e-3 * S * 4, f"{name}: {total.item()} vs {expect} (seed {seed})"
+        if name == "kernel":
+            assert torch.equal(out, plain[0]) and torch.equal(gap, plain[1])
+        total2 = torch.zeros(1, dtype=torch.float64)
+        prev2 = prev.clone()
+        prev2[1, 0, 64:96] = 0.0  # finite before, -inf now (the emptied tile): the largest float per row
+        fn(q, k, v, blocks, counts, block_m=tile, block_n=tile, lse_drop=(prev2, total2))
+        assert total2.item() >= 32 * torch.finfo(torch.float32).max, name
+    with pytest.raises(ValueError, match="lse_drop"):
+        bs.block_sparse_attention_reference(q, k, v, blocks, counts, block_m=tile, block_n=tile,
+                                            lse_drop=(prev, torch.zeros(1)))

@@ -137,3 +137,16 @@ def test_next_blocks_is_the_next_mask_compacted_in_visiting_order(threshold, k_m
             assert torch.equal(got.pairs, want_pairs), f"{name}: pairs differ (seed {seed})"
             assert torch.equal(got.blocks, every if flag else want_b), f"{name}: refresh={flag} (seed {seed})"
             assert torch.equal(got.counts, torch.full_like(want_c, n) if flag else want_c)
+        # a refresh value against a bound, and the pairs summed into a running float64 total
+        for value, above in ((2.5, 3.0), (3.5, 3.0)):
+            total = torch.full((1,), 7.0, dtype=torch.float64)
+            got = fn(gap, blocks, counts, **kw, tile_len=tile_len, refresh=torch.tensor([value], dtype=torch.float64),
+                     refresh_above=above, pairs_sum=total, pairs_scale=3.0)
+            flag = value > above
+            assert got.pairs is None
+            assert total.item() == 7.0 + 3.0 * want_pairs.double().sum().item(), f"{name}: pairs_sum (seed {seed})"
+            assert torch.equal(got.blocks, every if flag else want_b), f"{name}: {value} > {above} (seed {seed})"
+        with pytest.raises(ValueError, match="pairs_sum"):
+            fn(gap, blocks, counts, **kw, tile_len=tile_len, pairs_sum=torch.zeros(1))
+        with pytest.raises(ValueError, match="refresh_above"):
+            fn(gap, blocks, counts, **kw, refresh=torch.tensor(True), refresh_above=0.5)

@@ -281,3 +281,41 @@ def test_methods_through_the_processor(family):
     handle.remove()
     assert local.density() < 0.8
     assert (out - stock).abs().max().item() > 1e-4
+
+
+def test_error_triggered_refresh_follows_the_mean_lse_drop():
+    """refresh_tol: after a sparse pass whose rows' LSE fell, on average, by more than the tolerance
+    below the last full pass's, the next layout is every tile; below it the skip set stays. The mean
+    drop is computed here independently (float64 softmax normalizers of both layouts)."""
+    torch.manual_seed(1)
+    grid = (4, 8, 8)
+    S = math.prod(grid)
+    base = torch.randn(1, 1, 4, 1, 32)  # queries and keys of a frame share a direction: some tiles drop
+    q, k = ((base.expand(1, 2, 4, 64, 32) + torch.randn(1, 2, 4, 64, 32)).reshape(1, 2, S, 32) for _ in range(2))
+    v = torch.randn(1, 2, S, 32)
+    order = tile_order(grid, (1, 8, 8))
+    n = order.tile_len.numel()
+
+    def lse_of(tile_mask):  # float64 log-sum-exp per row in the tiled order, over the tokens of tile_mask
+        slot = bs.blocks_to_mask(*bs.tiles_to_blocks(tile_mask), order.length, order.length)
+        qt, kt = order.gather(q).double(), order.gather(k).double()
+        s = (qt @ kt.transpose(-1, -2) / math.sqrt(32)).masked_fill(~slot, float("-inf"))
+        valid = (torch.arange(order.length) % 128) < order.tile_len.repeat_interleave(128)[: order.length]
+        return torch.logsumexp(s.masked_fill(~valid, float("-inf")), -1)
+
+    probe = dit_accel.TemporalSparse(threshold=-2.0, warmup_steps=1, refresh_every=0, refresh_tol=None,
+                                     min_density=0.0, tile=(1, 8, 8), packed=False)
+    state = {}
+    probe(q, k, v, None, _call(grid, step=0, state=state))
+    mask = probe.tile_mask(state, n)
+    assert not mask.all()
+    drop = float((lse_of(torch.ones_like(mask)) - lse_of(mask)).clamp_min(0).nan_to_num(0.0).mean())
+    assert drop > 1e-3
+    for tol, refresh in ((0.8 * drop, True), (1.25 * drop, False)):
+        method = dit_accel.TemporalSparse(threshold=-2.0, warmup_steps=1, refresh_every=0, refresh_tol=tol,
+                                          min_density=0.0, tile=(1, 8, 8), packed=False)
+        state = {}
+        method(q, k, v, None, _call(grid, step=0, state=state))
+        assert torch.equal(method.tile_mask(state, n), mask)
+        method(q, k, v, None, _call(grid, step=1, state=state))  # sparse: measures the drop in the kernel
+        assert bool(method.tile_mask(state, n).all()) == refresh, f"tol {tol:.4f} against a drop of {drop:.4f}"

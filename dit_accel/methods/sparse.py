@@ -67,6 +67,8 @@ class _TiledSparse(AttentionMethod):
     _logged: set = field(default_factory=set, init=False, repr=False, compare=False)
     # computed / total token pairs of the sparse calls since reset_stats() (device tensors: no sync)
     _pairs: list = field(default_factory=lambda: [0, 0], init=False, repr=False, compare=False)
+    # computed pairs a kernel adds up on the device (float64, one element), or None
+    _pairs_sum: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"method": type(self).__name__, **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
@@ -81,10 +83,23 @@ class _TiledSparse(AttentionMethod):
         `reset_stats()` (`dense_steps` / `dense_layers` count as computed in full; cross-attention and
         dense fallbacks are not counted), or `None` before any."""
         done, total = self._pairs
+        if self._pairs_sum is not None:
+            done = done + self._pairs_sum.item()
         return None if not total else float(done) / total
 
     def reset_stats(self) -> None:
         self._pairs = [0, 0]
+        self._pairs_sum = None
+
+    def _pairs_total(self, device) -> torch.Tensor:
+        """The device total that kernels add computed pairs to (created on first use; moved to the
+        host count if the device changes)."""
+        if self._pairs_sum is not None and self._pairs_sum.device != torch.device(device):
+            self._pairs[0] = self._pairs[0] + self._pairs_sum.item()
+            self._pairs_sum = None
+        if self._pairs_sum is None:
+            self._pairs_sum = torch.zeros(1, dtype=torch.float64, device=device)
+        return self._pairs_sum
 
     def _check_common(self) -> None:
         name = type(self).__name__
@@ -277,33 +292,54 @@ class TemporalSparse(_TiledSparse):
         blocks, counts = full if full_now else (state["blocks"], state["counts"])
         if full_now:
             self._count_full(order, B * H)
-        out, lse, gap = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
-                                               seq_index=order.index, return_lse=True, return_gap=True,
-                                               **(DENSE_LAUNCH if full_now else {}))
-        self._update(state, gap, lse, blocks, counts, order, full_now, B * H)
+        out, gap = self._attend(query, key, value, order, state, blocks, counts, full_now)
+        self._update(state, gap, blocks, counts, order, full_now, B * H)
         return out
 
-    def _update(self, state: dict, gap, lse, blocks, counts, order: TileOrder, full_now: bool, rows: int) -> None:
+    def _checks_error(self, state: dict, full_now: bool) -> bool:
+        """Whether this sparse pass measures its LSE drop against the last full pass."""
+        return self.refresh_tol is not None and not full_now and "lse" in state
+
+    def _attend(self, query, key, value, order: TileOrder, state: dict, blocks, counts, full_now: bool):
+        """The kernel call: (output, gaps). A full pass also keeps its LSE as the error check's
+        reference; a sparse pass adds its rows' LSE drop against it into ``state["drop"]`` (zero: see
+        ``_update``) inside the kernel (``lse_drop``), with no LSE output and no reduction launch."""
+        keep_lse = self.refresh_tol is not None and full_now
+        drop = None
+        if self._checks_error(state, full_now):
+            if "drop" not in state:
+                state["drop"] = torch.zeros(1, dtype=torch.float64, device=query.device)
+            drop = (state["lse"], state["drop"])
+        res = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
+                                     seq_index=order.index, return_lse=keep_lse, return_gap=True, lse_drop=drop,
+                                     **(DENSE_LAUNCH if full_now else {}))
+        if keep_lse:
+            state["lse"] = res[1]
+        return res[0], res[-1]
+
+    def _update(self, state: dict, gap, blocks, counts, order: TileOrder, full_now: bool, rows: int) -> None:
         """After a pass, in one kernel launch: the next step's layout from the gaps (the visited tiles
         at or above the threshold, within the density floor and ceiling, exact counts as equal gaps
         rank by visiting order, text tiles always), the error-triggered refresh (every tile next time
-        when the LSE dropped by more than ``refresh_tol`` on average) and the pairs this pass computed.
-        This is the method's whole per-call bookkeeping, timed in benchmarks/sparse.py."""
+        when the rows' LSE dropped by more than ``refresh_tol`` on average: the kernel summed the drop;
+        its total is zeroed again for the next call) and the pairs this pass computed, added to a
+        device total. This is the method's whole per-call bookkeeping (two launches), timed in
+        benchmarks/sparse.py."""
         n = order.tile_len.numel()
-        refresh = None
-        if self.refresh_tol is not None:
-            if full_now:
-                state["lse"] = lse
-            elif "lse" in state:
-                refresh = (state["lse"] - lse).clamp_min(0).nan_to_num(0.0).mean() > self.refresh_tol
+        check = self._checks_error(state, full_now)
         nxt = next_blocks(gap, blocks, counts, n_k=n, threshold=self.threshold,
                           k_min=max(1, math.ceil(self.min_density * n)), k_max=max(1, math.ceil(self.max_density * n)),
-                          text_tile=order.video_tiles if order.text else None, refresh=refresh,
-                          tile_len=None if full_now else order.tile_len)
+                          text_tile=order.video_tiles if order.text else None,
+                          refresh=state["drop"] if check else None,
+                          refresh_above=self.refresh_tol * state["lse"].numel() if check else None,
+                          tile_len=None if full_now else order.tile_len,
+                          pairs_sum=None if full_now else self._pairs_total(gap.device),
+                          pairs_scale=rows // (gap.shape[0] * gap.shape[1]))
         state["blocks"], state["counts"] = nxt.blocks, nxt.counts
-        if not full_now:  # pairs stay on the device (no host sync)
-            self._pairs = [self._pairs[0] + nxt.pairs.sum() * (rows // (gap.shape[0] * gap.shape[1])),
-                           self._pairs[1] + rows * _tokens(order) ** 2]
+        if check:
+            state["drop"].zero_()
+        if not full_now:  # the computed pairs went to the device total (no host sync)
+            self._pairs = [self._pairs[0], self._pairs[1] + rows * _tokens(order) ** 2]
 
     def tile_mask(self, state: dict, n: int) -> torch.Tensor:
         """The bool ``[B, H, n, n]`` tile mask of the layout ``state`` holds for the next step."""
