@@ -445,9 +445,10 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
 
 # The kernel writes each visited tile's gap as the maxima over GAP_PARTS groups of consecutive query
 # rows (each group within one warp: no barrier in the key loop) into a transient float32 scratch
-# GAP_PARTS times the gap output's size; the wrapper reduces the groups. Measured on the H200 at the
-# Wan 480p shape, 25% density: the gap + LSE outputs cost 6.6% of the call this way, 14-19% with one
-# reduction across all rows per tile (sparse-extras-NVIDIA-H200-2026-11-30.json).
+# GAP_PARTS times the gap output's size; the wrapper reduces the groups. On the H200 at the Wan 480p
+# shape, 25% density, TemporalSparse's extras (gap, LSE drop) then cost 2.6% of a dense call
+# (sparse-NVIDIA-H200-2026-11-30.json); the gap and LSE outputs with one reduction across all rows
+# per tile cost 6.1% (commit e1dc1f5).
 GAP_PARTS = 8
 
 

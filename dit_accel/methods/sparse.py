@@ -321,10 +321,10 @@ class TemporalSparse(_TiledSparse):
         """After a pass, in one kernel launch: the next step's layout from the gaps (the visited tiles
         at or above the threshold, within the density floor and ceiling, exact counts as equal gaps
         rank by visiting order, text tiles always), the error-triggered refresh (every tile next time
-        when the rows' LSE dropped by more than ``refresh_tol`` on average: the kernel summed the drop;
-        its total is zeroed again for the next call) and the pairs this pass computed, added to a
-        device total. This is the method's whole per-call bookkeeping (two launches), timed in
-        benchmarks/sparse.py."""
+        when the rows' LSE dropped by more than ``refresh_tol`` on average: the attention kernel
+        summed the drop) and the pairs this pass computed, added to a device total; then the drop's
+        total is zeroed for the next call. These two launches are the method's whole per-call
+        bookkeeping, timed in benchmarks/sparse.py."""
         n = order.tile_len.numel()
         check = self._checks_error(state, full_now)
         nxt = next_blocks(gap, blocks, counts, n_k=n, threshold=self.threshold,
