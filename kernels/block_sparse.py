@@ -377,9 +377,9 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   lse_drop: tuple | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-    Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, the fastest
-    for sparse layouts in the sweep of ``benchmarks/sparse.py`` at the Wan 480p shape, d=128, and in
-    the sparse methods' full step; :func:`launch_for` gives the knobs for nearly dense layouts):
+    Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, chosen for
+    sparse layouts with ``benchmarks/sparse.py`` at the Wan 480p shape, d=128, and the sparse
+    methods' full step; :func:`launch_for` gives the knobs for nearly dense layouts):
     ``sub_n`` (a power of two dividing ``block_n``: keys per inner step), ``num_warps``,
     ``num_stages``; ``tma`` loads q, k, v through tensor descriptors (Hopper's TMA) where the
     inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
@@ -452,10 +452,12 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
 GAP_PARTS = 8
 
 
-# Launch knobs of block_sparse_attention_triton when not given (sub_n at most the key tile), tuned for
-# sparse layouts at head_dim 128: 128-key steps over 2 stages were the fastest of the H200 sweep at
-# densities 0.25 and 0.1 (sparse-NVIDIA-H200-2026-11-30.json) and in the full Wan step; head_dim <= 64
-# keeps 64-key steps, 3 stages and 4 warps.
+# Launch knobs of block_sparse_attention_triton when not given (sub_n at most the key tile), chosen
+# for sparse layouts at head_dim 128: in the H200 sweeps (sparse-*-NVIDIA-H200-2026-11-30.json) the
+# configurations lie within a few percent of each other at densities 0.25 and 0.1 and the best one
+# changes from run to run, while 128-key steps over 2 stages made the full sparse Wan step clearly
+# faster than the former 64-key / 3-stage default (README, "Measured"); head_dim <= 64 keeps 64-key
+# steps, 3 stages and 4 warps.
 LAUNCH_DEFAULTS = {"sub_n": 128, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False}
 # Layouts that visit (nearly) every tile: 64-key steps over 3 stages were the fastest at density 1.
 DENSE_LAUNCH = {"sub_n": 64, "num_stages": 3}
