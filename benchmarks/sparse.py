@@ -37,6 +37,7 @@ from dit_accel.kernels.tile_order import tile_order
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dit_accel.backends import _compiled_flex
+from dit_accel.methods.sparse import _full_layout
 
 # name: (video tokens as (frames, height, width) after patching, text tokens in joint attention, heads, head_dim)
 SHAPES = {
@@ -213,7 +214,7 @@ def bench_extras(name: str, grid, text: int, heads: int, dim: int, densities, it
         n = order.tile_len.numel()
         mask = random_layout(order.length, heads, density, order.text, seed=7).cuda()
         blocks, counts = tiles_to_blocks(mask, width=n)
-        full = tiles_to_blocks(torch.ones_like(mask[:1, :1]), width=n)
+        full = _full_layout(n, q.device)
         prev = block_sparse_attention_triton(q, k, v, *full, tile_len=order.tile_len, seq_index=order.index,
                                              return_lse=True)[1]  # the LSE of a full pass
         for config in EXTRAS_CONFIGS:
@@ -288,7 +289,7 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
     mask = random_layout(order.length, heads, density, order.text, seed=7).cuda()
     blocks, counts = tiles_to_blocks(mask, width=n)
     state = {}  # one layer's state as the method keeps it: a full pass (the LSE reference), then this layout
-    method._attend(q, k, v, order, state, *tiles_to_blocks(torch.ones_like(mask[:1, :1]), width=n), True)
+    method._attend(q, k, v, order, state, *_full_layout(n, q.device), True)
     _, gap = method._attend(q, k, v, order, state, blocks, counts, False)
 
     def bookkeeping():  # per call, besides the kernel: next layout, refresh decision, pairs; drop total zeroed

@@ -65,7 +65,7 @@ class _TiledSparse(AttentionMethod):
 
     _dense: Dense = field(default_factory=Dense, init=False, repr=False, compare=False)
     _logged: set = field(default_factory=set, init=False, repr=False, compare=False)
-    # computed / total token pairs of the sparse calls since reset_stats() (device tensors: no sync)
+    # computed / total token pairs of the sparse calls since reset_stats(), counted on the host
     _pairs: list = field(default_factory=lambda: [0, 0], init=False, repr=False, compare=False)
     # computed pairs a kernel adds up on the device (float64, one element), or None
     _pairs_sum: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
@@ -108,13 +108,9 @@ class _TiledSparse(AttentionMethod):
         if self.dense_steps < 0:
             raise ValueError(f"{name}(dense_steps={self.dense_steps}): must be >= 0")
 
-    def _count(self, tile_mask: torch.Tensor, order: TileOrder, rows: int) -> None:
-        """Add one call's pairs: `tile_mask` ``[b, h, n, n]`` (b, h may be 1: broadcast) over `rows`
-        (batch x heads) attention rows. The computed pairs stay on the device (no host sync)."""
-        lens = order.tile_len.float()
-        pairs = torch.einsum("bhqk,q,k->", tile_mask.float(), lens, lens)
-        pairs = pairs * (rows // (tile_mask.shape[0] * tile_mask.shape[1]))
-        self._pairs = [self._pairs[0] + pairs, self._pairs[1] + rows * _tokens(order) ** 2]
+    def _count(self, row_pairs: float, order: TileOrder, rows: int) -> None:
+        """Add one call of `rows` (batch x heads) attention rows that each computed `row_pairs` pairs."""
+        self._pairs = [self._pairs[0] + rows * row_pairs, self._pairs[1] + rows * _tokens(order) ** 2]
 
     def _count_full(self, order: TileOrder, rows: int) -> None:
         """Add one call that computes every pair (dense steps and layers, full passes)."""
@@ -184,7 +180,7 @@ class Neighborhood(_TiledSparse):
     dense_steps: int = 0
     dense_layers: tuple = ()
     packed: bool = False
-    # (id(order), device) -> (tile mask [1, 1, n, n], kv_blocks, kv_counts, order): one per geometry
+    # (id(order), device) -> (pairs per attention row, kv_blocks, kv_counts, launch knobs, order): one per geometry
     _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -204,23 +200,26 @@ class Neighborhood(_TiledSparse):
         return tuple(int(w) if isinstance(w, int) else max(1, math.ceil(w * g)) for w, g in zip(self.window, grid))
 
     def _layout(self, order: TileOrder):
-        """(tile mask [1, 1, n, n], kv_blocks, kv_counts) for `order`, built once per geometry."""
+        """(token pairs per attention row, kv_blocks, kv_counts, launch knobs) for `order`, built once
+        per geometry (on the host: no per-call counting on the device)."""
         key = (id(order), str(order.index.device))
         if key not in self._layouts:
             tiles = window_tiles(order, self.window_tokens(order.grid), self.stride)[None, None]
             blocks, counts = tiles_to_blocks(tiles)
             device = order.index.device
             launch = launch_for(tiles.float().mean().item())  # host tensors: no sync
+            lens = order.tile_len.cpu().double()
+            row_pairs = float(torch.einsum("bhqk,q,k->", tiles.double(), lens, lens))
             # order pins id()
-            self._layouts[key] = (tiles.to(device), blocks.to(device), counts.to(device), launch, order)
+            self._layouts[key] = (row_pairs, blocks.to(device), counts.to(device), launch, order)
         return self._layouts[key][:4]
 
     def __call__(self, query, key, value, attn_mask, call: AttentionCall | None = None):
         order = self._order(query, key, attn_mask, call)
         if order is None or self._dense_step(order, call, query):
             return self._dense(query, key, value, attn_mask, call)
-        tiles, blocks, counts, launch = self._layout(order)
-        self._count(tiles, order, query.shape[0] * query.shape[1])
+        row_pairs, blocks, counts, launch = self._layout(order)
+        self._count(row_pairs, order, query.shape[0] * query.shape[1])
         return block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
                                       seq_index=order.index, **launch)
 
