@@ -54,6 +54,12 @@ DENSITIES = (1.0, 0.5, 0.25, 0.1)
 CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st) for n, st in itertools.product((64, 128), (2, 3, 4))]
 # 64-query CTAs of 4 warps (one warpgroup; two CTAs fit an SM) over the same 128-token layout
 SPLIT_CONFIGS = [dict(block_m=64, sub_n=n, num_warps=4, num_stages=st) for n, st in itertools.product((64, 128), (2, 3, 4))]
+# two CTAs per SM: registers capped at 128 per thread (8 warps) with key steps whose shared memory
+# fits twice (64 keys over 2 stages: 96 KiB; 32 keys over 2-4 stages: 64-96 KiB), against the defaults
+OCCUPANCY_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2), dict(sub_n=64, num_warps=8, num_stages=3),
+                     dict(sub_n=64, num_warps=8, num_stages=2), dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128),
+                     *(dict(sub_n=32, num_warps=8, num_stages=st, max_registers=mr) for st, mr in
+                       itertools.product((2, 3, 4), (None, 128)))]
 # launch configurations and extra outputs of the extras part (TemporalSparse's kernel call)
 EXTRAS_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=3), dict(sub_n=128, num_warps=8, num_stages=2)]
 # (gap_group, several layout tiles' gaps reduced at once, was measured slower at 4 and 16 and removed:
@@ -66,7 +72,7 @@ TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specializ
 def config_label(config: dict | None) -> str:
     if not config:
         return "defaults"
-    short = {"num_warps": "w", "num_stages": "s", "warp_specialize": "ws"}
+    short = {"num_warps": "w", "num_stages": "s", "warp_specialize": "ws", "max_registers": "maxreg"}
     return " ".join(f"{short.get(k, k)}={int(v) if isinstance(v, bool) else v}" for k, v in config.items())
 
 
@@ -413,7 +419,8 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", default="sweep:wan2.1-1.3b-480p-81f",
                     help="kernel launch configurations: 'sweep' (all shapes), 'sweep:SHAPE' (that shape; the "
                          "others use the defaults) or 'default'; 'tma' instead of 'sweep' sweeps the TMA and "
-                         "warp-specialization knobs, 'split' adds 64-query CTAs of 4 warps")
+                         "warp-specialization knobs, 'split' adds 64-query CTAs of 4 warps, 'occupancy' tries "
+                         "two CTAs per SM (registers capped, small key steps)")
     ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     ap.add_argument("--name", default="sparse", help="result file name prefix (NAME-<device>-<date>.json)")
     args = ap.parse_args(argv)
@@ -433,10 +440,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     kind, _, only = args.configs.partition(":")
     swept = set() if kind == "default" else ({only} if only else set(SHAPES))
-    if kind not in ("sweep", "tma", "split", "default") or not swept <= set(SHAPES):
-        ap.error(f"--configs: expected 'sweep', 'tma' or 'split' (optionally ':SHAPE'), or 'default'; got "
+    if kind not in ("sweep", "tma", "split", "occupancy", "default") or not swept <= set(SHAPES):
+        ap.error(f"--configs: expected 'sweep', 'tma', 'split' or 'occupancy' (optionally ':SHAPE'), or 'default'; got "
                  f"{args.configs!r}")
-    sweep = {"tma": TMA_CONFIGS, "split": CONFIGS + SPLIT_CONFIGS}.get(kind, CONFIGS)
+    sweep = {"tma": TMA_CONFIGS, "split": CONFIGS + SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS}.get(kind, CONFIGS)
     rows, overhead, step = [], [], []
     for s in shapes if "kernel" in parts else []:
         grid, text, heads, dim = SHAPES[s]

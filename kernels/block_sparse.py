@@ -374,7 +374,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   sub_n: int | None = None, num_warps: int | None = None,
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
                                   tma: bool | None = None, warp_specialize: bool | None = None,
-                                  lse_drop: tuple | None = None):
+                                  max_registers: int | None = None, lse_drop: tuple | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, chosen for
@@ -384,7 +384,9 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     ``num_stages``; ``tma`` loads q, k, v through tensor descriptors (Hopper's TMA) where the
     inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
     16-byte-aligned stride), pointer loads otherwise; ``warp_specialize`` asks Triton to
-    warp-specialize the key loop. On the H100 sweep (``benchmarks/results/sparse-*.json``) neither
+    warp-specialize the key loop; ``max_registers`` caps the registers per thread (Triton's
+    ``maxnreg``; 128 at 8 warps lets two CTAs share an SM where shared memory allows; GPU only,
+    ignored by the CPU interpreter). On the H100 sweep (``benchmarks/results/sparse-*.json``) neither
     of the last two helped the layouts the methods use, so both are off by default.
     """
     if triton is None:
@@ -398,7 +400,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
     knobs = _launch_knobs(D, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
-                          warp_specialize=warp_specialize)
+                          warp_specialize=warp_specialize, max_registers=max_registers)
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
@@ -437,6 +439,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
+        **({"maxnreg": int(knobs["max_registers"])} if knobs["max_registers"] and q.is_cuda else {}),
     )
     if return_gap:
         gap = gap.view(B, H, n_q, blocks.shape[-1], parts).amax(-1)
@@ -458,7 +461,8 @@ GAP_PARTS = 8
 # changes from run to run, while 128-key steps over 2 stages made the full sparse Wan step clearly
 # faster than the former 64-key / 3-stage default (README, "Measured"); head_dim <= 64 keeps 64-key
 # steps, 3 stages and 4 warps.
-LAUNCH_DEFAULTS = {"sub_n": 128, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False}
+LAUNCH_DEFAULTS = {"sub_n": 128, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
+                   "max_registers": None}
 # Layouts that visit (nearly) every tile: 64-key steps over 3 stages were the fastest at density 1.
 DENSE_LAUNCH = {"sub_n": 64, "num_stages": 3}
 
