@@ -47,25 +47,31 @@ SHAPES = {
     "cogvideox-5b-480p-49f": ((13, 30, 45), 226, 48, 64),
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
-# launch configurations tried for the Triton kernel (knobs of block_sparse_attention_triton); 4 warps
-# lost everywhere at head_dim 128 in the first sweeps (results of 2dee894), so only 8 are swept;
-# TMA loads and warp specialization never won beyond noise (sparse-*-2026-11-23.json), they are swept
-# with --configs tma
-CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st) for n, st in itertools.product((64, 128), (2, 3, 4))]
+# launch configurations tried for the Triton kernel (knobs of block_sparse_attention_triton;
+# max_registers 0 = no cap); 4 warps lost everywhere at head_dim 128 in the first sweeps (results of
+# 2dee894), so only 8 are swept; TMA loads and warp specialization never won beyond noise
+# (sparse-*-2026-11-23.json), they are swept with --configs tma (TMA also with the register cap here)
+CONFIGS = [*(dict(sub_n=n, num_warps=8, num_stages=st, max_registers=0)
+             for n, st in itertools.product((64, 128), (2, 3, 4))),
+           dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128),
+           dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, tma=True)]
 # 64-query CTAs of 4 warps (one warpgroup; two CTAs fit an SM) over the same 128-token layout
-SPLIT_CONFIGS = [dict(block_m=64, sub_n=n, num_warps=4, num_stages=st) for n, st in itertools.product((64, 128), (2, 3, 4))]
+SPLIT_CONFIGS = [dict(block_m=64, sub_n=n, num_warps=4, num_stages=st, max_registers=0) for n, st in itertools.product((64, 128), (2, 3, 4))]
 # two CTAs per SM: registers capped at 128 per thread (8 warps) with key steps whose shared memory
 # fits twice (64 keys over 2 stages: 96 KiB; 32 keys over 2-4 stages: 64-96 KiB), against the defaults
-OCCUPANCY_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2), dict(sub_n=64, num_warps=8, num_stages=3),
-                     dict(sub_n=64, num_warps=8, num_stages=2), dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128),
+OCCUPANCY_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2, max_registers=0),
+                     dict(sub_n=64, num_warps=8, num_stages=3, max_registers=0),
+                     dict(sub_n=64, num_warps=8, num_stages=2, max_registers=0),
+                     dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128),
                      *(dict(sub_n=32, num_warps=8, num_stages=st, max_registers=mr) for st, mr in
-                       itertools.product((2, 3, 4), (None, 128)))]
+                       itertools.product((2, 3, 4), (0, 128)))]
 # launch configurations and extra outputs of the extras part (TemporalSparse's kernel call)
-EXTRAS_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=3), dict(sub_n=128, num_warps=8, num_stages=2)]
+EXTRAS_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2, max_registers=0),
+                  dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128)]
 # (gap_group, several layout tiles' gaps reduced at once, was measured slower at 4 and 16 and removed:
 # sparse-extras-NVIDIA-H200-2026-11-30.json)
 EXTRAS = [{}, dict(lse=True), dict(gap=True), dict(gap=True, drop=True)]
-TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws)
+TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws, max_registers=0)
                for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
 
 

@@ -377,16 +377,15 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   max_registers: int | None = None, lse_drop: tuple | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-    Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, chosen for
-    sparse layouts with ``benchmarks/sparse.py`` at the Wan 480p shape, d=128, and the sparse
-    methods' full step; :func:`launch_for` gives the knobs for nearly dense layouts):
+    Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, chosen
+    with ``benchmarks/sparse.py`` at the Wan 480p shape, d=128):
     ``sub_n`` (a power of two dividing ``block_n``: keys per inner step), ``num_warps``,
     ``num_stages``; ``tma`` loads q, k, v through tensor descriptors (Hopper's TMA) where the
     inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
     16-byte-aligned stride), pointer loads otherwise; ``warp_specialize`` asks Triton to
     warp-specialize the key loop; ``max_registers`` caps the registers per thread (Triton's
-    ``maxnreg``; 128 at 8 warps lets two CTAs share an SM where shared memory allows; GPU only,
-    ignored by the CPU interpreter). On the H100 sweep (``benchmarks/results/sparse-*.json``) neither
+    ``maxnreg``, 0 for no cap; 128 at 8 warps lets two CTAs share an SM where shared memory allows;
+    GPU only, ignored by the CPU interpreter). On the H100 sweep (``benchmarks/results/sparse-*.json``) neither
     of the last two helped the layouts the methods use, so both are off by default.
     """
     if triton is None:
@@ -456,27 +455,22 @@ GAP_PARTS = 8
 
 
 # Launch knobs of block_sparse_attention_triton when not given (sub_n at most the key tile), chosen
-# for sparse layouts at head_dim 128: in the H200 sweeps (sparse-*-NVIDIA-H200-2026-11-30.json) the
-# configurations lie within a few percent of each other at densities 0.25 and 0.1 and the best one
-# changes from run to run, while 128-key steps over 2 stages made the full sparse Wan step clearly
-# faster than the former 64-key / 3-stage default (README, "Measured"); head_dim <= 64 keeps 64-key
-# steps, 3 stages and 4 warps.
-LAUNCH_DEFAULTS = {"sub_n": 128, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
-                   "max_registers": None}
-# Layouts that visit (nearly) every tile: 64-key steps over 3 stages were the fastest at density 1.
-DENSE_LAUNCH = {"sub_n": 64, "num_stages": 3}
-
-
-def launch_for(density: float) -> dict:
-    """Launch knobs for a layout visiting this fraction of the tiles: :data:`DENSE_LAUNCH` from 0.75
-    up, else none (the defaults)."""
-    return dict(DENSE_LAUNCH) if density >= 0.75 else {}
+# at head_dim 128 on the H200 (sparse-occupancy-NVIDIA-H200-2026-11-30.json): 64-key steps over 2
+# stages with registers capped at 128 per thread let two 8-warp CTAs share an SM (96 KiB of shared
+# memory each), so one CTA's softmax, prologue and epilogue overlap the other's matrix products; that
+# beat every uncapped configuration by 9-15% at densities 1, 0.25 and 0.1. head_dim <= 64 keeps 64-key
+# steps, 3 stages and 4 warps (not re-swept); above 128 the accumulator alone needs 128 registers per
+# thread, so the cap is off there.
+LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
+                   "max_registers": 128}
 
 
 def _launch_knobs(head_dim: int, **given) -> dict:
     knobs = dict(LAUNCH_DEFAULTS)
     if head_dim <= 64:
-        knobs.update(num_warps=4, sub_n=64, num_stages=3)
+        knobs.update(num_warps=4, sub_n=64, num_stages=3, max_registers=None)
+    elif head_dim > 128:
+        knobs.update(max_registers=None)
     knobs.update({k: v for k, v in given.items() if v is not None})
     return knobs
 

@@ -255,6 +255,22 @@ def test_descriptor_path_only_where_the_inputs_fit():
     assert bs._descriptors((odd,), (64,)) is None
 
 
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128, 160, 256])
+def test_default_launch_fits_a_hopper_sm(D):
+    """The default knobs at every head_dim the kernel takes: the software pipeline's shared memory
+    (q tile + num_stages k and v steps, bf16) within an H100/H200 SM's 227 KiB, and a register cap
+    only where the fp32 accumulator (BLOCK_M x padded head_dim over the CTA's threads) leaves at
+    least half the registers for the rest."""
+    knobs = bs._launch_knobs(D)
+    d_pad = max(16, 1 << (D - 1).bit_length())
+    smem = 2 * (bs.TILE * d_pad + knobs["num_stages"] * 2 * knobs["sub_n"] * d_pad)
+    assert smem <= 227 * 1024, (D, knobs, smem)
+    acc_regs = bs.TILE * d_pad // (32 * knobs["num_warps"])
+    if knobs["max_registers"]:
+        assert acc_regs <= knobs["max_registers"] // 2, (D, knobs)
+    assert bs._launch_knobs(D, max_registers=0, sub_n=32)["max_registers"] == 0  # explicit knobs win
+
+
 def test_seq_index_without_tile_len_must_be_a_permutation():
     q, k, v = _inputs(1, 1, 64, 64, torch.float32, 0)
     blocks, counts = bs.tiles_to_blocks(torch.ones(1, 1, 3, 3, dtype=torch.bool))

@@ -17,12 +17,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..kernels.block_sparse import (
-    DENSE_LAUNCH,
-    block_sparse_attention,
-    launch_for,
-    tiles_to_blocks,
-)
+from ..kernels.block_sparse import block_sparse_attention, tiles_to_blocks
 from ..kernels.next_layout import next_blocks
 from ..kernels.tile_order import TileOrder, tile_order, window_tiles
 from ..layout import AttentionCall
@@ -180,7 +175,7 @@ class Neighborhood(_TiledSparse):
     dense_steps: int = 0
     dense_layers: tuple = ()
     packed: bool = False
-    # (id(order), device) -> (pairs per attention row, kv_blocks, kv_counts, launch knobs, order): one per geometry
+    # (id(order), device) -> (pairs per attention row, kv_blocks, kv_counts, order): one per geometry
     _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -200,28 +195,27 @@ class Neighborhood(_TiledSparse):
         return tuple(int(w) if isinstance(w, int) else max(1, math.ceil(w * g)) for w, g in zip(self.window, grid))
 
     def _layout(self, order: TileOrder):
-        """(token pairs per attention row, kv_blocks, kv_counts, launch knobs) for `order`, built once
+        """(token pairs per attention row, kv_blocks, kv_counts) for `order`, built once
         per geometry (on the host: no per-call counting on the device)."""
         key = (id(order), str(order.index.device))
         if key not in self._layouts:
             tiles = window_tiles(order, self.window_tokens(order.grid), self.stride)[None, None]
             blocks, counts = tiles_to_blocks(tiles)
             device = order.index.device
-            launch = launch_for(tiles.float().mean().item())  # host tensors: no sync
             lens = order.tile_len.cpu().double()
             row_pairs = float(torch.einsum("bhqk,q,k->", tiles.double(), lens, lens))
             # order pins id()
-            self._layouts[key] = (row_pairs, blocks.to(device), counts.to(device), launch, order)
-        return self._layouts[key][:4]
+            self._layouts[key] = (row_pairs, blocks.to(device), counts.to(device), order)
+        return self._layouts[key][:3]
 
     def __call__(self, query, key, value, attn_mask, call: AttentionCall | None = None):
         order = self._order(query, key, attn_mask, call)
         if order is None or self._dense_step(order, call, query):
             return self._dense(query, key, value, attn_mask, call)
-        row_pairs, blocks, counts, launch = self._layout(order)
+        row_pairs, blocks, counts = self._layout(order)
         self._count(row_pairs, order, query.shape[0] * query.shape[1])
         return block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
-                                      seq_index=order.index, **launch)
+                                      seq_index=order.index)
 
 
 @dataclass
@@ -310,8 +304,7 @@ class TemporalSparse(_TiledSparse):
                 state["drop"] = torch.zeros(1, dtype=torch.float64, device=query.device)
             drop = (state["lse"], state["drop"])
         res = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
-                                     seq_index=order.index, return_lse=keep_lse, return_gap=True, lse_drop=drop,
-                                     **(DENSE_LAUNCH if full_now else {}))
+                                     seq_index=order.index, return_lse=keep_lse, return_gap=True, lse_drop=drop)
         if keep_lse:
             state["lse"] = res[1]
         return res[0], res[-1]
