@@ -65,6 +65,11 @@ OCCUPANCY_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2, max_registers=0)
                      dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128),
                      *(dict(sub_n=32, num_warps=8, num_stages=st, max_registers=mr) for st, mr in
                        itertools.product((2, 3, 4), (0, 128)))]
+# head_dim 64 (CogVideoX, SD3, LTX): the default (4 warps, 64-key steps, 3 stages) against 8 warps and
+# the register cap (the accumulator needs 32 registers per thread at 8 warps)
+HEAD64_CONFIGS = [dict(sub_n=64, num_warps=4, num_stages=st, max_registers=0) for st in (2, 3)] + [
+    dict(sub_n=n, num_warps=8, num_stages=st, max_registers=mr)
+    for n, st, mr in ((64, 2, 0), (64, 3, 0), (64, 3, 128), (64, 4, 128), (128, 2, 0), (128, 2, 128))]
 # launch configurations and extra outputs of the extras part (TemporalSparse's kernel call)
 EXTRAS_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2, max_registers=0),
                   dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128)]
@@ -426,7 +431,7 @@ def main(argv=None) -> None:
                     help="kernel launch configurations: 'sweep' (all shapes), 'sweep:SHAPE' (that shape; the "
                          "others use the defaults) or 'default'; 'tma' instead of 'sweep' sweeps the TMA and "
                          "warp-specialization knobs, 'split' adds 64-query CTAs of 4 warps, 'occupancy' tries "
-                         "two CTAs per SM (registers capped, small key steps)")
+                         "two CTAs per SM (registers capped, small key steps), 'head64' the head_dim-64 knobs")
     ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     ap.add_argument("--name", default="sparse", help="result file name prefix (NAME-<device>-<date>.json)")
     args = ap.parse_args(argv)
@@ -446,10 +451,12 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     kind, _, only = args.configs.partition(":")
     swept = set() if kind == "default" else ({only} if only else set(SHAPES))
-    if kind not in ("sweep", "tma", "split", "occupancy", "default") or not swept <= set(SHAPES):
-        ap.error(f"--configs: expected 'sweep', 'tma', 'split' or 'occupancy' (optionally ':SHAPE'), or 'default'; got "
+    sweeps = {"sweep": CONFIGS, "tma": TMA_CONFIGS, "split": CONFIGS + SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
+              "head64": HEAD64_CONFIGS}
+    if (kind not in sweeps and kind != "default") or not swept <= set(SHAPES):
+        ap.error(f"--configs: expected one of {', '.join(sweeps)} (optionally ':SHAPE'), or 'default'; got "
                  f"{args.configs!r}")
-    sweep = {"tma": TMA_CONFIGS, "split": CONFIGS + SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS}.get(kind, CONFIGS)
+    sweep = sweeps.get(kind, CONFIGS)
     rows, overhead, step = [], [], []
     for s in shapes if "kernel" in parts else []:
         grid, text, heads, dim = SHAPES[s]
