@@ -65,8 +65,8 @@ OCCUPANCY_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2, max_registers=0)
                      dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128),
                      *(dict(sub_n=32, num_warps=8, num_stages=st, max_registers=mr) for st, mr in
                        itertools.product((2, 3, 4), (0, 128)))]
-# head_dim 64 (CogVideoX, SD3, LTX): the default (4 warps, 64-key steps, 3 stages) against 8 warps and
-# the register cap (the accumulator needs 32 registers per thread at 8 warps)
+# head_dim 64 (CogVideoX, SD3, LTX): the former default (4 warps, 64-key steps, 3 stages) against 8
+# warps and the register cap (the accumulator needs 32 registers per thread at 8 warps)
 HEAD64_CONFIGS = [dict(sub_n=64, num_warps=4, num_stages=st, max_registers=0) for st in (2, 3)] + [
     dict(sub_n=n, num_warps=8, num_stages=st, max_registers=mr)
     for n, st, mr in ((64, 2, 0), (64, 3, 0), (64, 3, 128), (64, 4, 128), (128, 2, 0), (128, 2, 128))]

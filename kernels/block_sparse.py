@@ -455,11 +455,12 @@ GAP_PARTS = 8
 
 
 # Launch knobs of block_sparse_attention_triton when not given (sub_n at most the key tile), chosen
-# at head_dim 128 on the H200 (sparse-occupancy-NVIDIA-H200-2026-11-30.json): 64-key steps over 2
-# stages with registers capped at 128 per thread let two 8-warp CTAs share an SM (96 KiB of shared
-# memory each), so one CTA's softmax, prologue and epilogue overlap the other's matrix products; that
-# beat every uncapped configuration by 9-15% at densities 1, 0.25 and 0.1. head_dim <= 64 keeps 64-key
-# steps, 3 stages and 4 warps (not re-swept); above 128 the accumulator alone needs 128 registers per
+# on the H200 at the Wan 480p shape (head_dim 128, sparse-occupancy-NVIDIA-H200-2026-11-30.json) and
+# the CogVideoX shape (head_dim 64, sparse-head64-*.json): registers capped at 128 per thread let two
+# 8-warp CTAs share an SM (64-key steps over 2 stages: 96 KiB of shared memory each at head_dim 128;
+# 128-key steps over 2 stages: 80 KiB at 64), so one CTA's softmax, prologue and epilogue overlap the
+# other's matrix products. That beat every uncapped configuration at densities 1, 0.25 and 0.1: by
+# 9-15% at head_dim 128 and 4-8% at 64. Above 128 the accumulator alone needs 128 registers per
 # thread, so the cap is off there.
 LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
                    "max_registers": 128}
@@ -468,7 +469,7 @@ LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 2, "tma": False, "
 def _launch_knobs(head_dim: int, **given) -> dict:
     knobs = dict(LAUNCH_DEFAULTS)
     if head_dim <= 64:
-        knobs.update(num_warps=4, sub_n=64, num_stages=3, max_registers=None)
+        knobs.update(sub_n=128)
     elif head_dim > 128:
         knobs.update(max_registers=None)
     knobs.update({k: v for k, v in given.items() if v is not None})
