@@ -56,9 +56,11 @@ CONFIGS = [*(dict(sub_n=n, num_warps=8, num_stages=st, max_registers=0)
            dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128),
            dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, tma=True)]
 # 64-query CTAs of 4 warps (one warpgroup; two CTAs fit an SM) over the same 128-token layout
-SPLIT_CONFIGS = [dict(block_m=64, sub_n=n, num_warps=4, num_stages=st, max_registers=0) for n, st in itertools.product((64, 128), (2, 3, 4))]
+SPLIT_CONFIGS = [dict(block_m=64, sub_n=n, num_warps=4, num_stages=st, max_registers=0)
+                 for n, st in itertools.product((64, 128), (2, 3, 4))]
 # two CTAs per SM: registers capped at 128 per thread (8 warps) with key steps whose shared memory
-# fits twice (64 keys over 2 stages: 96 KiB; 32 keys over 2-4 stages: 64-96 KiB), against the defaults
+# fits twice (64 keys over 2 stages: 96 KiB; 32 keys over 2-4 stages: 64-96 KiB), against the former
+# uncapped defaults (the sweep that made the cap the default)
 OCCUPANCY_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2, max_registers=0),
                      dict(sub_n=64, num_warps=8, num_stages=3, max_registers=0),
                      dict(sub_n=64, num_warps=8, num_stages=2, max_registers=0),

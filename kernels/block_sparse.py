@@ -448,9 +448,9 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
 # The kernel writes each visited tile's gap as the maxima over GAP_PARTS groups of consecutive query
 # rows (each group within one warp: no barrier in the key loop) into a transient float32 scratch
 # GAP_PARTS times the gap output's size; the wrapper reduces the groups. On the H200 at the Wan 480p
-# shape, 25% density, TemporalSparse's extras (gap, LSE drop) then cost 2.6% of a dense call
-# (sparse-NVIDIA-H200-2026-11-30.json); the gap and LSE outputs with one reduction across all rows
-# per tile cost 6.1% (commit e1dc1f5).
+# shape, 25% density, TemporalSparse's extras (gap, LSE drop) then cost 2.0% of a dense call
+# (sparse-NVIDIA-H200-2026-11-30.json; 2.6% at 6420340); the gap and LSE outputs with one reduction
+# across all rows per tile cost 6.1% (commit e1dc1f5).
 GAP_PARTS = 8
 
 
@@ -459,9 +459,9 @@ GAP_PARTS = 8
 # the CogVideoX shape (head_dim 64, sparse-head64-*.json): registers capped at 128 per thread let two
 # 8-warp CTAs share an SM (64-key steps over 2 stages: 96 KiB of shared memory each at head_dim 128;
 # 128-key steps over 2 stages: 80 KiB at 64), so one CTA's softmax, prologue and epilogue overlap the
-# other's matrix products. That beat every uncapped configuration at densities 1, 0.25 and 0.1: by
-# 9-15% at head_dim 128 and 4-8% at 64. Above 128 the accumulator alone needs 128 registers per
-# thread, so the cap is off there.
+# other's matrix products. That beat the best uncapped configuration at densities 1, 0.25 and 0.1 by
+# 8-14% at head_dim 128, and the former 4-warp default by 4-8% at 64. Above 128 the accumulator
+# alone needs 128 registers per thread, so the cap is off there.
 LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
                    "max_registers": 128}
 
