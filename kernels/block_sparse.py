@@ -384,8 +384,8 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
     16-byte-aligned stride), pointer loads otherwise; ``warp_specialize`` asks Triton to
     warp-specialize the key loop; ``max_registers`` caps the registers per thread (Triton's
-    ``maxnreg``, 0 for no cap; 128 at 8 warps lets two CTAs share an SM where shared memory allows;
-    GPU only, ignored by the CPU interpreter). On the H100 sweep (``benchmarks/results/sparse-*.json``) neither
+    ``maxnreg``, 0 for no cap; the default, 128 on Hopper up to head_dim 128, lets two 8-warp CTAs
+    share an SM; GPU only, ignored by the CPU interpreter). On the H100 sweep (``benchmarks/results/sparse-*.json``) neither
     of the last two helped the layouts the methods use, so both are off by default.
     """
     if triton is None:
@@ -398,7 +398,8 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     if D > 256:
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
-    knobs = _launch_knobs(D, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    knobs = _launch_knobs(D, capability, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
                           warp_specialize=warp_specialize, max_registers=max_registers)
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
@@ -461,16 +462,22 @@ GAP_PARTS = 8
 # 128-key steps over 2 stages: 80 KiB at 64), so one CTA's softmax, prologue and epilogue overlap the
 # other's matrix products. That beat the best uncapped configuration at densities 1, 0.25 and 0.1 by
 # 8-14% at head_dim 128, and the former 4-warp default by 4-8% at 64. Above 128 the accumulator
-# alone needs 128 registers per thread, so the cap is off there.
+# alone needs 128 registers per thread, so the cap is off there; it is also off by default on GPUs
+# other than Hopper (compute capability 9.x), where it was measured: an A100 SM's 164 KiB of shared
+# memory holds one such CTA, not two, so the cap would only cost spills.
 LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
                    "max_registers": 128}
 
 
-def _launch_knobs(head_dim: int, **given) -> dict:
+def _launch_knobs(head_dim: int, capability: tuple[int, int] | None = (9, 0), **given) -> dict:
+    """The launch knobs for ``head_dim`` on a GPU of this compute capability (``None``: the CPU
+    interpreter), :data:`LAUNCH_DEFAULTS` adjusted, then the ``given`` ones that are not ``None``."""
     knobs = dict(LAUNCH_DEFAULTS)
     if head_dim <= 64:
         knobs.update(sub_n=128)
     elif head_dim > 128:
+        knobs.update(max_registers=None)
+    if capability is not None and capability[0] != 9:
         knobs.update(max_registers=None)
     knobs.update({k: v for k, v in given.items() if v is not None})
     return knobs

@@ -271,6 +271,15 @@ def test_default_launch_fits_a_hopper_sm(D):
     assert bs._launch_knobs(D, max_registers=0, sub_n=32)["max_registers"] == 0  # explicit knobs win
 
 
+def test_register_cap_only_where_two_ctas_fit():
+    """The default cap is for Hopper (two 96 KiB CTAs per 227 KiB SM); an A100 (164 KiB) or an Ada
+    GPU (100 KiB) holds one such CTA, so there the default is uncapped; an explicit cap still applies."""
+    assert bs._launch_knobs(128, (9, 0))["max_registers"] == 128
+    for capability in ((8, 0), (8, 9), (10, 0)):
+        assert bs._launch_knobs(128, capability)["max_registers"] is None
+        assert bs._launch_knobs(128, capability, max_registers=96)["max_registers"] == 96
+
+
 def test_seq_index_without_tile_len_must_be_a_permutation():
     q, k, v = _inputs(1, 1, 64, 64, torch.float32, 0)
     blocks, counts = bs.tiles_to_blocks(torch.ones(1, 1, 3, 3, dtype=torch.bool))
