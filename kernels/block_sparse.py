@@ -334,20 +334,23 @@ if triton is not None:
                     g = tl.where(row_live & (tile_rm > float("-inf")), tile_rm - m_new, float("-inf"))
                     # the max over each of GAP_PARTS groups of ROWS consecutive rows (16 at BLOCK_M
                     # 128: rows one warp holds in the MMA layout, so no cross-warp exchange and no
-                    # barrier in the loop); the wrapper takes the max over the groups
+                    # barrier in the loop), folded into the tile's slot by an atomic max
                     ROWS: tl.constexpr = BLOCK_M // GAP_PARTS
                     gr = tl.reshape(g, [GAP_PARTS, ROWS])
                     in_g_layout = (g < g).to(tl.int32)  # zeros laid out as g: the row numbers follow it
                     lrow = tl.reshape(tl.arange(0, BLOCK_M) + in_g_layout, [GAP_PARTS, ROWS])
                     gp = tl.max(gr, 1)[:, None] + tl.zeros_like(gr)
-                    slot = (i // R) * GAP_PARTS + lrow // ROWS
+                    first = lrow % ROWS == 0  # one row per group reports (its copies hold the same value)
                     if not PTX_STORE:  # CPU interpreter (no inline assembly there)
-                        tl.store(gap_row + slot, gp, mask=lrow % ROWS == 0)
-                    else:  # tl.store would be re-laid out for coalescing (shared memory + a barrier)
+                        tl.atomic_max(gap_row + i // R + 0 * lrow, gp, mask=first)
+                    else:  # tl.atomic_max would be re-laid out through shared memory, with a barrier.
+                        # Gaps lie in [-inf, +0], where the float order is the reverse of the unsigned
+                        # order of the bits: the float max is an unsigned min (-inf, the buffer's
+                        # initial value, is the largest such pattern)
                         tl.inline_asm_elementwise(
-                            "{ .reg .pred p; .reg .u64 a; setp.eq.s32 p, $3, 0; mad.wide.s32 a, $2, 4, $4; "
-                            "@p st.global.b32 [a], $1; mov.b32 $0, 0; }",
-                            "=r,r,r,r,l", [gp, slot, lrow % ROWS, gap_row.to(tl.int64)],
+                            "{ .reg .pred p; .reg .u64 a; setp.ne.s32 p, $3, 0; mad.wide.s32 a, $2, 4, $4; "
+                            "@p red.global.min.u32 [a], $1; mov.b32 $0, 0; }",
+                            "=r,r,r,r,l", [gp, i // R + 0 * lrow, first.to(tl.int32), gap_row.to(tl.int64)],
                             dtype=tl.int32, is_pure=False, pack=1)
                     tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         empty = l_i == 0.0
@@ -410,7 +413,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     blocks = kv_blocks.to(torch.int32)
     counts = kv_counts.to(torch.int32)
     parts = min(GAP_PARTS, block_m)
-    gap = (torch.full((B, H, n_q, blocks.shape[-1] * parts), float("-inf"), device=q.device, dtype=torch.float32)
+    gap = (torch.full((B, H, n_q, blocks.shape[-1]), float("-inf"), device=q.device, dtype=torch.float32)
            if return_gap else out)
     lens = tile_len.to(device=q.device, dtype=torch.int32).contiguous() if tile_len is not None else counts
     index = seq_index.to(device=q.device, dtype=torch.int32).contiguous() if seq_index is not None else counts
@@ -430,7 +433,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         *(lse_drop if lse_drop is not None else (lse, lse)), scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *sb, *sc, blocks.shape[-1] * parts, H, n_q, S_q, S_k, D,
+        *sb, *sc, blocks.shape[-1], H, n_q, S_q, S_k, D,
         D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=sub_n,
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
@@ -441,17 +444,15 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
         **({"maxnreg": int(knobs["max_registers"])} if knobs["max_registers"] and q.is_cuda else {}),
     )
-    if return_gap:
-        gap = gap.view(B, H, n_q, blocks.shape[-1], parts).amax(-1)
     return _outputs(out, lse if return_lse else None, gap if return_gap else None)
 
 
-# The kernel writes each visited tile's gap as the maxima over GAP_PARTS groups of consecutive query
-# rows (each group within one warp: no barrier in the key loop) into a transient float32 scratch
-# GAP_PARTS times the gap output's size; the wrapper reduces the groups. On the H200 at the Wan 480p
-# shape, 25% density, TemporalSparse's extras (gap, LSE drop) then cost 2.0% of a dense call
-# (sparse-NVIDIA-H200-2026-11-30.json; 2.6% at 6420340); the gap and LSE outputs with one reduction
-# across all rows per tile cost 6.1% (commit e1dc1f5).
+# The kernel reduces each visited tile's gap over GAP_PARTS groups of consecutive query rows (each
+# group within one warp: no barrier in the key loop) and folds the groups into the tile's slot with
+# an atomic max. The former version wrote the groups to a float32 scratch GAP_PARTS times the gap's
+# size for the wrapper to reduce: at the H200's Wan 480p shape, 25% density, TemporalSparse's
+# extras (gap, LSE drop) cost 2.0% of a dense call that way (sparse-NVIDIA-H200-2026-11-30.json at
+# 6ee679f); one reduction across all rows per tile cost 6.1% (commit e1dc1f5).
 GAP_PARTS = 8
 
 
