@@ -386,10 +386,11 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     ``num_stages``; ``tma`` loads q, k, v through tensor descriptors (Hopper's TMA) where the
     inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
     16-byte-aligned stride), pointer loads otherwise; ``warp_specialize`` asks Triton to
-    warp-specialize the key loop; ``max_registers`` caps the registers per thread (Triton's
-    ``maxnreg``, 0 for no cap; the default, 128 on Hopper up to head_dim 128, lets two 8-warp CTAs
-    share an SM; GPU only, ignored by the CPU interpreter). On the H100 sweep (``benchmarks/results/sparse-*.json``) neither
-    of the last two helped the layouts the methods use, so both are off by default.
+    warp-specialize the key loop (in the H100 and H200 sweeps, ``benchmarks/results/sparse-*.json``,
+    neither of these two helped the layouts the methods use, so both are off by default);
+    ``max_registers`` caps the registers per thread (Triton's ``maxnreg``, 0 for no cap; the
+    default, 128 on Hopper up to head_dim 128, lets two 8-warp CTAs share an SM; GPU only, ignored
+    by the CPU interpreter).
     """
     if triton is None:
         raise RuntimeError("block_sparse_attention_triton: triton is not installed; use the reference twin")
