@@ -49,7 +49,7 @@ SHAPES = {
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
 # launch configurations tried for the Triton kernel (knobs of block_sparse_attention_triton;
 # max_registers 0 = no cap); 4 warps lost everywhere at head_dim 128 in the first sweeps (results of
-# 2dee894), so only 8 are swept; TMA loads and warp specialization never won beyond noise
+# 2dee894), so only 8 warps are swept; TMA loads and warp specialization never won beyond noise
 # (sparse-*-2026-11-23.json), they are swept with --configs tma (TMA also with the register cap here)
 # (128 keys over 4 stages would need 288 KiB of shared memory: not swept)
 CONFIGS = [*(dict(sub_n=n, num_warps=8, num_stages=st, max_registers=0)
