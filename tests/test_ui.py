@@ -280,6 +280,41 @@ def test_the_main_command_serves_the_reference_model_on_localhost_only(tmp_path)
         proc.wait(timeout=60)
 
 
+def test_a_saved_non_shapes_pipeline_runs_in_the_studio(tmp_path):
+    """`--pipeline DIR` with another diffusers pipeline saved locally (a tiny random Wan pipeline with a
+    word-level tokenizer and a tiny UMT5 encoder), loaded through `DiffusionPipeline.from_pretrained`:
+    the baseline equals the same directory loaded and called independently on the same seed, the
+    accelerated run gives a video of the same size, and the ShapesBench checker is not applied to it."""
+    from diffusers import DiffusionPipeline
+    from transformers import T5Config, UMT5EncoderModel
+
+    from dit_accel.pipelines.shapes.pipeline import build_tokenizer
+    from dit_accel.pipelines.tiny import make_tiny_pipeline
+    from dit_accel.ui.core import to_gif
+
+    pipe = make_tiny_pipeline("wan")
+    tokenizer = build_tokenizer()
+    pipe.register_modules(tokenizer=tokenizer, text_encoder=UMT5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_ff=32, d_kv=8, num_heads=2, num_layers=1)))
+    pipe.save_pretrained(tmp_path / "tiny-wan")
+    studio = Studio(pipeline=str(tmp_path / "tiny-wan"), device="cpu", workdir=tmp_path / "ui",
+                    runs_dir=tmp_path / "runs")
+    res = studio.compare(PROMPT, "", 5, **TINY, guidance_scale=3.0, method="TemporalSparse",
+                         parameters='{"warmup_steps": 1}')
+    assert type(studio.pipe).__name__ == "WanPipeline"
+    row = res["row"]
+    assert row["checker_baseline"] is None and row["checker_accelerated"] is None
+    assert row["size"] == "5x16x16" and 0 < row["density"] <= 1 and np.isfinite(row["psnr"])
+
+    independent = DiffusionPipeline.from_pretrained(tmp_path / "tiny-wan", local_files_only=True)
+    out = independent(prompt=PROMPT, generator=torch.Generator().manual_seed(5), output_type="np",
+                      num_inference_steps=2, num_frames=5, height=16, width=16, guidance_scale=3.0)
+    frames = np.round(metrics.to_frames(np.asarray(out.frames[0])) * 255) / 255
+    expected = _gif_frames(to_gif(frames, tmp_path / "expected.gif"))
+    assert np.array_equal(_gif_frames(res["baseline"]), expected)
+    assert _gif_frames(res["accelerated"]).shape == expected.shape
+
+
 def test_headhunt_from_the_app_saves_a_loadable_preset_with_its_effect_map(studio):
     res = studio.headhunt(prompts=1, rounds=1, objective="contrast", steps=1, num_frames=5, height=16, width=16,
                           guidance_scale=1.0, progress=False)

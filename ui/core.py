@@ -167,9 +167,12 @@ class Studio:
         return np.round(metrics.to_frames(np.asarray(frames)) * 255) / 255, seconds
 
     def _checker(self, frames, prompt):
+        """The ShapesBench checker's score: for the ShapesBench model and a prompt it parses, else None
+        (it knows nothing of other models' videos)."""
         from ..pipelines.shapes.data import parse_prompt
+        from ..pipelines.shapes.pipeline import ShapesPipeline
 
-        if not parse_prompt(prompt):
+        if not isinstance(self.pipe, ShapesPipeline) or not parse_prompt(prompt):
             return None
         from ..evals.objectives import checker_scores
 
