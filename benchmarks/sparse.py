@@ -47,6 +47,7 @@ SHAPES = {
     "cogvideox-5b-480p-49f": ((13, 30, 45), 226, 48, 64),
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
+PARTS = ("kernel", "overhead", "extras", "step")
 # launch configurations tried for the Triton kernel (knobs of block_sparse_attention_triton;
 # max_registers 0 = no cap); 4 warps lost everywhere at head_dim 128 in the first sweeps (results of
 # 2dee894), so only 8 warps are swept; TMA loads and warp specialization never won beyond noise
@@ -132,14 +133,16 @@ def flex_runner(mask: torch.Tensor, seq: int):
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
 
+def _dense_ms(q, k, v, iters: int) -> float:
+    """Median ms of the cuDNN dense baseline on q, k, v."""
+    return median(cuda_time_ms(lambda: cudnn_sdpa(q, k, v), iters=iters))
+
+
 def _timed_against_dense(fn, q, k, v, iters: int) -> tuple[float, float]:
     """(median ms of ``fn``, cuDNN dense ms on q, k, v timed right before and after it, averaged)."""
-    def baseline() -> float:
-        return median(cuda_time_ms(lambda: cudnn_sdpa(q, k, v), iters=iters))
-
-    before = baseline()
+    before = _dense_ms(q, k, v, iters)
     ms = median(cuda_time_ms(fn, iters=iters))
-    return ms, (before + baseline()) / 2
+    return ms, (before + _dense_ms(q, k, v, iters)) / 2
 
 
 def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, iters: int, configs) -> list[dict]:
@@ -149,7 +152,7 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
     def timed(fn) -> tuple[float, float]:
         return _timed_against_dense(fn, q, k, v, iters)
 
-    dense_ms = median(cuda_time_ms(lambda: cudnn_sdpa(q, k, v), iters=iters))
+    dense_ms = _dense_ms(q, k, v, iters)
     rows = [dict(shape=name, seq=seq, density=1.0, method="cudnn-sdpa dense (baseline)", ms=round(dense_ms, 3),
                  ratio=1.0)]
     for density in densities:
@@ -217,7 +220,7 @@ def _method_inputs(grid, text: int, heads: int, dim: int, density: float, iters:
     order = tile_order(grid, None, text, False, torch.device("cuda"), packed=method.packed)
     seq = math.prod(grid) + text
     qkv = tuple(torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    dense_ms = median(cuda_time_ms(lambda: cudnn_sdpa(*qkv), iters=iters))
+    dense_ms = _dense_ms(*qkv, iters)
     return method, order, qkv, dense_ms
 
 
@@ -439,9 +442,8 @@ def main(argv=None) -> None:
     ap.add_argument("--name", default="sparse", help="result file name prefix (NAME-<device>-<date>.json)")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if set(parts) - {"kernel", "overhead", "extras", "step"}:
-        ap.error(f"--parts: unknown {sorted(set(parts) - {'kernel', 'overhead', 'extras', 'step'})}; choose from "
-                 "kernel, overhead, extras, step")
+    if set(parts) - set(PARTS):
+        ap.error(f"--parts: unknown {sorted(set(parts) - set(PARTS))}; choose from {', '.join(PARTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/sparse.py needs a CUDA GPU; run it through the device tool or on a GPU host.")
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
