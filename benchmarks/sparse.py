@@ -74,16 +74,9 @@ OCCUPANCY_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2, max_registers=0)
 HEAD64_CONFIGS = [dict(sub_n=64, num_warps=4, num_stages=st, max_registers=0) for st in (2, 3)] + [
     dict(sub_n=n, num_warps=8, num_stages=st, max_registers=mr)
     for n, st, mr in ((64, 2, 0), (64, 3, 0), (64, 3, 128), (64, 4, 128), (128, 2, 0), (128, 2, 128))]
-# lazy rescaling (the running max a row's weights are taken against moves only when a key step
-# raises it by more than 2**8; no step raises any row of the CTA that far, the accumulator rescale is
-# skipped) against the same launch without it
-LAZY_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, lazy_rescale=lazy)
-                for lazy in (False, True)] + [
-    dict(sub_n=128, num_warps=8, num_stages=2, max_registers=0, lazy_rescale=True)]
 # launch configurations and extra outputs of the extras part (TemporalSparse's kernel call)
 EXTRAS_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2, max_registers=0),
-                  dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128),
-                  dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, lazy_rescale=True)]
+                  dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128)]
 # (gap_group, several layout tiles' gaps reduced at once, was measured slower at 4 and 16 and removed:
 # sparse-extras-NVIDIA-H200-2026-11-30.json)
 EXTRAS = [{}, dict(lse=True), dict(gap=True), dict(gap=True, drop=True)]
@@ -94,8 +87,7 @@ TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specializ
 def config_label(config: dict | None) -> str:
     if not config:
         return "defaults"
-    short = {"num_warps": "w", "num_stages": "s", "warp_specialize": "ws", "max_registers": "maxreg",
-             "lazy_rescale": "lazy"}
+    short = {"num_warps": "w", "num_stages": "s", "warp_specialize": "ws", "max_registers": "maxreg"}
     return " ".join(f"{short.get(k, k)}={int(v) if isinstance(v, bool) else v}" for k, v in config.items())
 
 
@@ -465,7 +457,7 @@ def main(argv=None) -> None:
     kind, _, only = args.configs.partition(":")
     swept = set() if kind == "default" else ({only} if only else set(SHAPES))
     sweeps = {"sweep": CONFIGS, "tma": TMA_CONFIGS, "split": CONFIGS + SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
-              "head64": HEAD64_CONFIGS, "lazy": LAZY_CONFIGS}
+              "head64": HEAD64_CONFIGS}
     if (kind not in sweeps and kind != "default") or not swept <= set(SHAPES):
         ap.error(f"--configs: expected one of {', '.join(sweeps)} (optionally ':SHAPE'), or 'default'; got "
                  f"{args.configs!r}")

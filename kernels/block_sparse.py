@@ -246,8 +246,7 @@ if triton is not None:
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr, LAZY: tl.constexpr = False,
-        LAZY_TAU: tl.constexpr = 8.0,
+        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -278,7 +277,6 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        m_new = m_i
         qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
         count = tl.load(Counts + b * scb + h * sch + pid_m)
         block_row = Blocks + b * sbb + h * sbh + pid_m * sbm
@@ -317,31 +315,19 @@ if triton is not None:
                 qk = tl.where(col_ok[None, :], qk, float("-inf"))
             # the softmax scale is folded into the exponent (one FMA per score, as in Triton's tutorial)
             qk_max = tl.max(qk, 1) * qk_scale
-            if LAZY:
-                m_new = tl.maximum(m_new, qk_max)  # the exact running max (for the gap)
-                if tl.max((qk_max > m_i + LAZY_TAU).to(tl.int32), 0) > 0:
-                    alpha = tl.math.exp2(m_i - m_new)
-                    l_i = l_i * alpha
-                    acc = acc * alpha[:, None]
-                    m_i = m_new
-                p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-                l_i = l_i + tl.sum(p, 1)
-            else:
-                m_new = tl.maximum(m_i, qk_max)
-                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
+            m_new = tl.maximum(m_i, qk_max)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
             if USE_TMA:  # p is 0 on masked rows
                 vv = DescV.load([v_row0 + start_n, v_col])
             else:
                 vv = tl.load(V + b * svb + h * svh + k_pos[:, None] * svs + offs_d[None, :], mask=v_mask, other=0.0)
             if DOT_F32:
                 vv = vv.to(tl.float32)
-            if not LAZY:
-                acc = acc * alpha[:, None]
+            acc = acc * alpha[:, None]
             acc = tl.dot(p.to(vv.dtype), vv, acc)
-            if not LAZY:
-                m_i = m_new
+            m_i = m_new
             if RETURN_GAP:
                 tile_rm = tl.maximum(tile_rm, qk_max)
                 if i % R == R - 1:  # layout tile finished: its gap against the running max
@@ -391,8 +377,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   sub_n: int | None = None, num_warps: int | None = None,
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
                                   tma: bool | None = None, warp_specialize: bool | None = None,
-                                  max_registers: int | None = None, lazy_rescale: bool | None = None,
-                                  lse_drop: tuple | None = None):
+                                  max_registers: int | None = None, lse_drop: tuple | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, chosen
@@ -419,7 +404,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     scale = D**-0.5 if scale is None else scale
     capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
     knobs = _launch_knobs(D, capability, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
-                          warp_specialize=warp_specialize, max_registers=max_registers, lazy_rescale=lazy_rescale)
+                          warp_specialize=warp_specialize, max_registers=max_registers)
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
@@ -454,7 +439,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
         WARP_SPEC=bool(knobs["warp_specialize"]), GAP_PARTS=parts, PTX_STORE=q.is_cuda,
-        LSE_DROP=lse_drop is not None, LAZY=bool(knobs["lazy_rescale"]),
+        LSE_DROP=lse_drop is not None,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
@@ -483,7 +468,7 @@ GAP_PARTS = 8
 # other than Hopper (compute capability 9.x), where it was measured: an A100 SM's 164 KiB of shared
 # memory holds one such CTA, not two, so the cap would only cost spills.
 LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
-                   "max_registers": 128, "lazy_rescale": False}
+                   "max_registers": 128}
 
 
 def _launch_knobs(head_dim: int, capability: tuple[int, int] | None = (9, 0), **given) -> dict:
