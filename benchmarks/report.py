@@ -71,26 +71,6 @@ def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> list[float]:
     return times
 
 
-def cuda_time_queued_ms(fn, warmup: int = 3, iters: int = 10) -> list[float]:
-    """Per-call CUDA-event times of `fn()` in milliseconds, the calls issued back to back with no
-    synchronization between them, as a pipeline issues its kernels: the host's work for one call (the
-    Python wrapper, the kernel launch) overlaps the GPU's work on the call before, so only GPU time is
-    counted. A first call fills the queue before the first event. (`cuda_time_ms`
-    synchronizes around every call, so it also counts the host's time between its start event and the
-    kernel's start.)"""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
-    fn()
-    events[0].record()
-    for event in events[1:]:
-        fn()
-        event.record()
-    torch.cuda.synchronize()
-    return [a.elapsed_time(b) for a, b in zip(events, events[1:])]
-
-
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 

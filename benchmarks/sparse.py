@@ -23,7 +23,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from dit_accel.benchmarks.report import cuda_time_ms, cuda_time_queued_ms, median, print_table, write_result
+from dit_accel.benchmarks.report import cuda_time_ms, median, print_table, write_result
 from dit_accel.kernels.block_sparse import (
     LAUNCH_DEFAULTS,
     TILE,
@@ -133,33 +133,24 @@ def flex_runner(mask: torch.Tensor, seq: int):
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
 
-def _dense_ms(q, k, v, iters: int, timer=cuda_time_ms) -> float:
+def _dense_ms(q, k, v, iters: int) -> float:
     """Median ms of the cuDNN dense baseline on q, k, v."""
-    return median(timer(lambda: cudnn_sdpa(q, k, v), iters=iters))
+    return median(cuda_time_ms(lambda: cudnn_sdpa(q, k, v), iters=iters))
 
 
-def _timed_against_dense(fn, q, k, v, iters: int, timer=cuda_time_ms) -> tuple[float, float]:
-    """(median ms of ``fn``, cuDNN dense ms on q, k, v timed right before and after it, averaged), both
-    with ``timer``."""
-    before = _dense_ms(q, k, v, iters, timer)
-    ms = median(timer(fn, iters=iters))
-    return ms, (before + _dense_ms(q, k, v, iters, timer)) / 2
-
-
-def _timed_row(fn, q, k, v, iters: int) -> dict:
-    """A candidate's times against the cuDNN baseline, timed two ways: each call synchronized
-    (``ms``, ``baseline_ms``, ``ratio``: the host's work for a call counts, as when nothing else is
-    queued) and calls queued back to back (``queued_*``: GPU time only, as in a pipeline, where the
-    host issues the next kernel while the GPU runs the last)."""
-    ms, base = _timed_against_dense(fn, q, k, v, iters)
-    qms, qbase = _timed_against_dense(fn, q, k, v, iters, cuda_time_queued_ms)
-    return dict(ms=round(ms, 3), baseline_ms=round(base, 3), ratio=round(base / ms, 3), queued_ms=round(qms, 3),
-                queued_baseline_ms=round(qbase, 3), queued_ratio=round(qbase / qms, 3))
+def _timed_against_dense(fn, q, k, v, iters: int) -> tuple[float, float]:
+    """(median ms of ``fn``, cuDNN dense ms on q, k, v timed right before and after it, averaged)."""
+    before = _dense_ms(q, k, v, iters)
+    ms = median(cuda_time_ms(fn, iters=iters))
+    return ms, (before + _dense_ms(q, k, v, iters)) / 2
 
 
 def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, iters: int, configs) -> list[dict]:
     seq = math.prod(grid) + text
     q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+    def timed(fn) -> tuple[float, float]:
+        return _timed_against_dense(fn, q, k, v, iters)
 
     dense_ms = _dense_ms(q, k, v, iters)
     rows = [dict(shape=name, seq=seq, density=1.0, method="cudnn-sdpa dense (baseline)", ms=round(dense_ms, 3),
@@ -179,8 +170,9 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
         else:
             try:
                 flex_out = flex(q, k, v)
-                rows.append(dict(row_base, method="flex (compiled, BlockMask 128)",
-                                 **_timed_row(lambda: flex(q, k, v), q, k, v, iters)))
+                ms, base = timed(lambda: flex(q, k, v))
+                rows.append(dict(row_base, method="flex (compiled, BlockMask 128)", ms=round(ms, 3),
+                                 baseline_ms=round(base, 3), ratio=round(base / ms, 3)))
             except Exception as exc:  # report and go on
                 flex_out = None
                 rows.append(dict(row_base, method="flex", note=f"{type(exc).__name__}: {exc}"[:300]))
@@ -199,12 +191,13 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
                 out = ours()
                 check = ref if ref is not None else flex_out
                 err = None if check is None else float((out.float() - check.float()).abs().max())
-                times = _timed_row(ours, q, k, v, iters)
+                ms, base = timed(ours)
             except Exception as exc:
                 rows.append(dict(row_base, method=label,
                                  note=f"{type(exc).__name__}: {exc}"[:300]))
                 continue
-            row = dict(row_base, method=label, **times,
+            row = dict(row_base, method=label, ms=round(ms, 3),
+                       baseline_ms=round(base, 3), ratio=round(base / ms, 3),
                        max_abs_err=None if err is None else round(err, 5),
                        err_against="cudnn dense" if ref is not None else "flex")
             rows.append(row)
@@ -259,8 +252,10 @@ def bench_extras(name: str, grid, text: int, heads: int, dim: int, densities, it
                                                          lse_drop=(prev, total) if drop else None, **knobs)
                 errors = _errors_against_reference(call(), q, k, v, blocks, counts, order, lse, gap,
                                                    prev if drop else None, knobs)
+                ms, base = _timed_against_dense(call, q, k, v, iters)
                 rows.append(dict(shape=name, density=round(mask.float().mean().item(), 4), launch=config_label(config),
-                                 extras=config_label(extras), **_timed_row(call, q, k, v, iters), **errors))
+                                 extras=config_label(extras), ms=round(ms, 3), baseline_ms=round(base, 3),
+                                 ratio=round(base / ms, 3), **errors))
                 print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -474,16 +469,13 @@ def main(argv=None) -> None:
         rows += bench_shape(s, grid, text, heads, dim, densities, args.iters, configs)
         best = [r for r in rows if r["shape"] == s
                 and (r["method"] == "ours (best config)" or r["method"].startswith(("flex", "cudnn")))]
-        print_table(best, ["shape", "density", "ideal", "method", "ms", "baseline_ms", "ratio", "queued_ms",
-                           "queued_ratio", "max_abs_err", "config", "note"])
+        print_table(best, ["shape", "density", "ideal", "method", "ms", "baseline_ms", "ratio", "max_abs_err", "config",
+                           "note"])
     payload = {"command": "python -m dit_accel.benchmarks.sparse " + " ".join(argv if argv is not None else sys.argv[1:]),
                "dtype": "bfloat16", "batch": 1, "tile": TILE,
                "shapes": {k: dict(grid=g, text=t, heads=h, head_dim=d) for k, (g, t, h, d) in SHAPES.items()
                           if k in shapes},
-               "ratio_meaning": "cuDNN SDPA dense time (timed before and after the candidate) / candidate time, "
-                                "each call synchronized (the host's work for the call counts)",
-               "queued_ratio_meaning": "the same with the calls queued back to back, no synchronization between "
-                                       "them (GPU time only, as in a pipeline)",
+               "ratio_meaning": "cuDNN SDPA dense time (timed before and after the candidate) / candidate time",
                "rows": rows}
     if "overhead" in parts:
         grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
@@ -493,7 +485,7 @@ def main(argv=None) -> None:
     if "extras" in parts:
         grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
         extras = bench_extras("wan2.1-1.3b-480p-81f", grid, text, heads, dim, (0.25, 0.1), args.iters)
-        print_table(extras, ["density", "launch", "extras", "ms", "baseline_ms", "ratio", "queued_ratio"])
+        print_table(extras, ["density", "launch", "extras", "ms", "baseline_ms", "ratio"])
         payload["extras"] = extras
     if "step" in parts:
         step = bench_step(args.iters)
