@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ pytest.importorskip("gradio")
 
 from dit_accel.evals import metrics  # noqa: E402
 from dit_accel.pipelines import load_reference  # noqa: E402
-from dit_accel.ui.core import Studio, UIError  # noqa: E402
+from dit_accel.ui.core import MAX_STEPS, Stopped, Studio, UIError  # noqa: E402
 from dit_accel.ui.screenshots import CHROMIUM_ARGS  # noqa: E402
 
 TINY = dict(steps=2, num_frames=5, height=16, width=16)
@@ -91,6 +92,121 @@ def test_presets_round_trip_and_guided_differs(studio, tmp_path):
         studio.guided(PROMPT, 0, heads=[], **TINY)
     with pytest.raises(UIError, match="preset path: no such file"):
         studio.load_preset(tmp_path / "missing.json")
+
+
+def _processor_types(pipe):
+    return {name: type(p) for name, p in pipe.transformer.attn_processors.items()}
+
+
+def _wait(condition, what: str, timeout: float = 120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_stop_ends_a_running_compare_and_keeps_nothing(studio):
+    pipe = studio.pipe
+    stock = _processor_types(pipe)
+    history, folders = len(studio.history), sorted(studio.workdir.iterdir())
+    calls = []
+    counter = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    outcome = {}
+
+    def run():  # 100 steps each for the baseline and the accelerated pass: far longer than the test waits
+        try:
+            outcome["result"] = studio.compare(PROMPT, "", 0, MAX_STEPS, 9, 32, 32, 4.0, "Dense", "{}")
+        except Exception as exc:  # noqa: BLE001 (the test inspects it)
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    try:
+        worker.start()
+        # stop it in its accelerated pass, with the method's processors on the model
+        _wait(lambda: _processor_types(pipe) != stock or not worker.is_alive(), "the accelerated pass")
+        baseline_calls = len(calls)  # the whole baseline generation
+        _wait(lambda: len(calls) >= baseline_calls + 3 or not worker.is_alive(), "denoiser calls")
+        assert worker.is_alive(), outcome
+        assert studio.cancel("eval") is False  # another kind of run is left alone
+        at_stop = len(calls)
+        assert studio.cancel("compare") is True
+        worker.join(timeout=60)
+        assert not worker.is_alive()
+    finally:
+        counter.remove()
+    assert isinstance(outcome.get("error"), Stopped) and "result" not in outcome
+    assert len(calls) <= at_stop + 2  # it stopped at the next denoiser call (or the one after, in a race)
+    assert len(calls) < 2 * baseline_calls and baseline_calls >= MAX_STEPS
+    assert _processor_types(pipe) == stock  # the method's processors were removed
+    assert len(studio.history) == history and sorted(studio.workdir.iterdir()) == folders  # nothing kept
+    assert studio.cancel() is False  # nothing running now; the next run is not stopped by it
+    studio.compare(PROMPT, "", 0, guidance_scale=4.0, method="Dense", parameters="{}", **TINY)
+    assert len(studio.history) == history + 1
+
+
+def test_stopped_eval_resumes_to_the_uninterrupted_result(studio):
+    configs = ("size: {num_frames: 5, height: 16, width: 16}\nsteps: 3\nconfigs:\n"
+               "- {name: dense, attention: {method: Dense}}\n")
+    results = studio.runs_dir / "stopped" / "results.jsonl"
+
+    def stop_after_one_item(module, args):  # stop the eval once its first item is saved
+        if results.is_file():
+            studio.cancel("eval")
+
+    hook = studio.pipe.transformer.register_forward_pre_hook(stop_after_one_item)
+    try:
+        with pytest.raises(Stopped):
+            studio.run_eval("stopped", "shapes-heldout:2", configs, progress=False)
+    finally:
+        hook.remove()
+    assert not studio.lock.locked()
+    kept = len(results.read_text().splitlines())
+    assert kept == 1  # 2 prompts x (baseline, dense): stopped after the first
+    studio.run_eval("stopped", "shapes-heldout:2", configs, progress=False)
+    studio.run_eval("fresh", "shapes-heldout:2", configs, progress=False)
+    timing = ("latency_s", "step_s", "peak_memory_mb")
+
+    def rows(name):
+        found = [json.loads(line) for line in (studio.runs_dir / name / "results.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in timing} for r in found]
+
+    resumed, fresh = rows("stopped"), rows("fresh")
+    assert len(resumed) == 4 and resumed == fresh  # the same items, scores and checker results
+    for row in resumed:
+        assert np.array_equal(np.load(studio.runs_dir / "stopped" / row["video"]),
+                              np.load(studio.runs_dir / "fresh" / row["video"]))
+
+
+def test_stopped_head_search_resumes_from_its_cache(studio, tmp_path):
+    settings = dict(prompts=1, rounds=1, objective="contrast", steps=1, num_frames=5, height=16, width=16,
+                    guidance_scale=1.0, strength=0.9, scale=2.5, progress=False)
+    earlier = set((studio.workdir / "headhunt-cache").glob("*/scores*.jsonl"))  # other tests' searches
+    scores = lambda: [p for p in (studio.workdir / "headhunt-cache").glob("*/scores*.jsonl")  # noqa: E731
+                      if p not in earlier]
+
+    def stop_after_one_score(module, args):  # stop once the first head set's score is saved
+        if scores() and scores()[0].read_text().strip():
+            studio.cancel("headhunt")
+
+    hook = studio.pipe.transformer.register_forward_pre_hook(stop_after_one_score)
+    try:
+        with pytest.raises(Stopped):
+            studio.headhunt(**settings)
+    finally:
+        hook.remove()
+    # stopped at the call that set the flag or the next one (the order of the two pre-hooks decides)
+    assert 1 <= len(scores()[0].read_text().splitlines()) <= 2
+    calls = []
+    counter = studio.pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        resumed = studio.headhunt(**settings)
+        resumed_calls = len(calls)
+        fresh = Studio(pipe=studio.pipe, workdir=tmp_path / "fresh", runs_dir=tmp_path / "runs").headhunt(**settings)
+    finally:
+        counter.remove()
+    assert resumed_calls < len(calls) - resumed_calls  # the rerun did not score the cached set again
+    for key in ("heads", "score", "baseline", "effect_map"):
+        assert resumed[key] == fresh[key], key
 
 
 def _free_port() -> int:
@@ -186,6 +302,21 @@ def test_browser_compare_shows_both_outputs_timing_and_metrics(page):
         assert page.locator(f"#{elem} img").count() == 1
     _shot(page, "compare")
     assert page.hosts <= {page.url.split("/")[2]}, page.hosts  # nothing fetched from anywhere else
+
+
+def test_browser_stop_cancels_the_running_compare(page, studio):
+    history = len(studio.history)
+    for elem, value in (("steps", MAX_STEPS), ("frames", 9), ("height", 32), ("width", 32)):
+        _fill(page, elem, value)
+    page.click("#run-compare")
+    _wait(studio.lock.locked, "the compare to start")
+    page.click("#stop-compare")
+    page.locator("#metrics").get_by_text("Stopped: the compare was cancelled").wait_for(timeout=60000)
+    _wait(lambda: not studio.lock.locked(), "the stopped compare to end", timeout=60)
+    assert len(studio.history) == history  # it did not run to the end
+    _shot(page, "stopped")
+    for key, elem in (("steps", "steps"), ("num_frames", "frames"), ("height", "height"), ("width", "width")):
+        _fill(page, elem, TINY[key])
 
 
 def test_browser_bad_value_shows_the_error(page):

@@ -16,7 +16,15 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .core import HISTORY_COLUMNS, METHOD_NAMES, Studio, UIError, effect_map_image, method_defaults  # noqa: E402
+from .core import (  # noqa: E402
+    HISTORY_COLUMNS,
+    METHOD_NAMES,
+    Stopped,
+    Studio,
+    UIError,
+    effect_map_image,
+    method_defaults,
+)
 
 THEME_FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
@@ -29,7 +37,7 @@ def _errors(fn):
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UIError as exc:
+        except (UIError, Stopped) as exc:
             raise gr.Error(str(exc)) from None
 
     return wrapped
@@ -57,6 +65,14 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
     studio = studio or Studio()
     layers = studio.layers()
     size_defaults = dict(steps=8, num_frames=9, height=32, width=32)
+
+    def stopper(kind: str, message: str):
+        """A Stop button's handler: Gradio drops the event if it is still queued (``cancels``); a
+        running ``kind`` of run stops at its next denoiser call, and ``message`` takes the place of
+        its result."""
+        def stop():
+            return message if studio.cancel(kind) else gr.update()
+        return stop
 
     with gr.Blocks(title="dit-accel", analytics_enabled=False) as app:
         gr.Markdown("## dit-accel — faster, better-guided diffusion transformers\n"
@@ -116,7 +132,8 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
             event = run.click(do_compare, [prompt, negative, seed, steps, frames, height, width, cfg, method, params,
                                            c_heads, c_u, c_s],
                               [out_base, out_accel, out_diff, metrics_md, history, scatter], api_name="compare")
-            stop.click(None, cancels=[event])
+            stop.click(stopper("compare", "Stopped: the compare was cancelled; nothing of it was kept."), None,
+                       metrics_md, cancels=[event])
             export_csv.click(_errors(lambda: str(studio.export("csv"))), None, export_file)
             export_json.click(_errors(lambda: str(studio.export("json"))), None, export_file)
 
@@ -211,7 +228,8 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
 
             hh_event = hh_run.click(do_headhunt, [hh_prompts, hh_rounds, hh_objective, g_cfg, g_u, g_s],
                                     [hh_info, effect, heatmap, preset_path, *grid])
-            hh_stop.click(None, cancels=[hh_event])
+            hh_stop.click(stopper("headhunt", "Stopped: the head search was cancelled; its score cache is kept, so "
+                                             "searching again resumes."), None, hh_info, cancels=[hh_event])
 
         with gr.Tab("Evals", id="evals"):
             with gr.Row():
@@ -235,7 +253,8 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
                         gr.update(choices=studio.past_runs(), value=name))
 
             e_event = e_run.click(do_eval, [e_name, e_suite, e_configs], [e_report, e_pareto, e_past])
-            e_stop.click(None, cancels=[e_event])
+            e_stop.click(stopper("eval", "Stopped: the eval was cancelled; its finished items are kept, so running it "
+                                     "again resumes."), None, e_report, cancels=[e_event])
 
             @_errors
             def do_open(name):

@@ -7,7 +7,9 @@ message naming the field; the app shows it and the server keeps running.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -32,6 +34,12 @@ MAX_SIDE, MAX_FRAMES, MAX_STEPS = 256, 65, 100
 
 class UIError(ValueError):
     """Bad input from the UI; the message names the field and what it must be."""
+
+
+class Stopped(RuntimeError):
+    """The run was stopped (:meth:`Studio.cancel`, the Stop buttons) at a denoiser call. Nothing of a
+    stopped compare or guided run is kept; a head search keeps its score cache and an eval run its
+    finished items, so running them again resumes."""
 
 
 def method_defaults(name: str) -> str:
@@ -109,6 +117,10 @@ class Studio:
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)
         self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._state = threading.Lock()  # guards _kind and _stop together
+        self._kind: str | None = None  # the kind of run holding the lock
+        self._watched: set[int] = set()
         self.history: list[dict] = []
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="dit-accel-ui-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -123,6 +135,39 @@ class Studio:
             self._pipe = load_pipeline(self.pipeline, device=self.device)
             self._pipe.set_progress_bar_config(disable=True)
         return self._pipe
+
+    def cancel(self, kind: str | None = None) -> bool:
+        """Stop the running run (``kind`` given: only a run of that kind, "compare", "guided",
+        "headhunt" or "eval") at its next denoiser call; that call raises :class:`Stopped`. What the
+        Stop buttons do. False when no such run is running."""
+        with self._state:
+            if self._kind is None or kind not in (None, self._kind):
+                return False
+            self._stop.set()
+            return True
+
+    @contextlib.contextmanager
+    def _running(self, kind: str):
+        """Hold the lock for one run (one at a time), with the stop check on the pipeline's denoiser."""
+        with self.lock:
+            with self._state:
+                self._kind = kind
+                self._stop.clear()
+            pipe = self.pipe
+            denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+            if isinstance(denoiser, torch.nn.Module) and id(denoiser) not in self._watched:
+                denoiser.register_forward_pre_hook(self._check_stop)
+                self._watched.add(id(denoiser))
+            try:
+                yield
+            finally:
+                with self._state:
+                    self._kind = None
+                    self._stop.clear()
+
+    def _check_stop(self, module, args) -> None:
+        if self._stop.is_set():
+            raise Stopped("stopped: the run was cancelled")
 
     def layers(self) -> dict[int, int]:
         from ..headhunt import perturbable_heads
@@ -205,7 +250,7 @@ class Studio:
 
             guidance = SoftPAG(heads=chosen, strength=_float(strength, "u", 0.0, 1.0),
                                scale=_float(scale, "s", 0.0, 20.0))
-        with self.lock:
+        with self._running("compare"):
             base, t_base = self._generate(prompt, negative_prompt, seed, kwargs)
             impl = METHODS[attention["method"]](**{k: v for k, v in attention.items() if k != "method"})
             try:
@@ -274,7 +319,7 @@ class Studio:
         seed = _int(seed, "seed", 0, 2**31 - 1)
         kwargs = self._size(steps, num_frames, height, width, guidance_scale)
         pag = SoftPAG(heads=chosen, strength=_float(strength, "u", 0.0, 1.0), scale=_float(scale, "s", 0.0, 20.0))
-        with self.lock:
+        with self._running("guided"):
             plain, _ = self._generate(prompt, "", seed, kwargs)
             try:
                 guided, _ = self._generate(prompt, "", seed, kwargs, guidance=pag)
@@ -327,13 +372,17 @@ class Studio:
         except ValueError as exc:
             raise UIError(str(exc)) from None
         kwargs = self._size(steps, num_frames, height, width, guidance_scale)
+        strength, scale = _float(strength, "u", 0.01, 1.0), _float(scale, "s", 0.01, 20.0)
         items = load_suite(f"shapes-search:{n}")
-        with self.lock:
-            folder = self._next("headhunt")
+        # one score cache per set of settings: a stopped search run again with them resumes
+        settings = json.dumps([n, rounds, objective, kwargs, strength, scale], sort_keys=True)
+        cache = self.workdir / "headhunt-cache" / hashlib.sha256(settings.encode()).hexdigest()[:16]
+        with self._running("headhunt"):
             result = headhunt(self.pipe, [it["prompt"] for it in items], [it["seed"] for it in items],
-                              objective=objective, rounds=rounds, strength=_float(strength, "u", 0.01, 1.0),
-                              scale=_float(scale, "s", 0.01, 20.0), cache_dir=folder / "cache",
-                              output=folder / "preset.json", progress=progress, **kwargs)
+                              objective=objective, rounds=rounds, strength=strength, scale=scale, cache_dir=cache,
+                              progress=progress, **kwargs)
+            folder = self._next("headhunt")
+            result.save(folder / "preset.json")
         heads = _heads_dict(result.heads)
         return {"preset": folder / "preset.json", "heads": [f"{k}.{h}" for k, v in heads.items() for h in v],
                 "score": result.score, "baseline": result.baseline, "effect_map": result.effect_map,
@@ -362,7 +411,7 @@ class Studio:
         except ValueError as exc:  # ConfigError names the field
             raise UIError(str(exc)) from None
         out = self.runs_dir / name
-        with self.lock:
+        with self._running("eval"):
             try:
                 run_eval(self.pipeline, suite, spec, out, pipe=self.pipe, progress=progress)
             except ConfigError as exc:
