@@ -14,7 +14,10 @@ Learned scorers, only from weights already on this machine (nothing is downloade
 - ``"clip:PATH"``: a ``transformers`` CLIP checkpoint (model and processor in PATH); the score is
   100 x cosine(image, text), averaged over (up to 8) frames;
 - ``"pickscore:PATH"``: PickScore, a CLIP checkpoint scored with its learned ``logit_scale``;
-- ``"imagereward:PATH"``: an ImageReward checkpoint file, through the ``image-reward`` package.
+- ``"imagereward:PATH"``: an ImageReward checkpoint file, through the ``image-reward`` package; its
+  BLIP text config ``med_config.json`` must lie next to the checkpoint and BERT's
+  ``bert-base-uncased`` tokenizer must be in the local Hugging Face cache (the package would
+  otherwise download both). The score is ImageReward's reward, averaged over (up to 8) frames.
 
 Any callable with the signature above works too; :func:`objective_name` names it in presets.
 """
@@ -35,6 +38,7 @@ Objective = Callable[[Sequence[np.ndarray], Sequence[str]], Sequence[float]]
 BUILTIN = ("checker", "sharpness", "contrast", "colorfulness")
 LEARNED = ("clip", "pickscore", "imagereward")
 MAX_FRAMES = 8  # learned scorers see at most this many frames of a video, evenly spaced
+IMAGEREWARD_CONFIG = "med_config.json"  # ImageReward's BLIP text config, expected next to its checkpoint
 
 
 def _frames(video) -> np.ndarray:
@@ -131,7 +135,12 @@ def _imagereward_objective(path: str) -> Objective:
                          "(pip install image-reward; its BLIP config and the checkpoint must be local)") from None
     from PIL import Image
 
-    model = reward_lib.load(path, device="cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = reward_lib.load(path, device="cuda" if torch.cuda.is_available() else "cpu",
+                                med_config=str(Path(path).with_name(IMAGEREWARD_CONFIG)))
+    except OSError as exc:  # transformers could not find the tokenizer offline, or the file is unreadable
+        raise ValueError(f"objective 'imagereward:{path}': the image-reward package could not load it offline "
+                         f"({exc}); it needs the bert-base-uncased tokenizer in the local Hugging Face cache") from None
 
     @torch.no_grad()
     def score(videos, prompts):
@@ -154,6 +163,9 @@ def check_objective(spec) -> None:
     if not ok:
         what = "checkpoint file" if kind == "imagereward" else "transformers checkpoint directory (with config.json)"
         raise ValueError(f"objective {spec!r}: {path} is not a local {what}; nothing is downloaded here")
+    if kind == "imagereward" and not target.with_name(IMAGEREWARD_CONFIG).is_file():
+        raise ValueError(f"objective {spec!r}: ImageReward's {IMAGEREWARD_CONFIG} (its BLIP text config) must lie "
+                         f"next to the checkpoint, at {target.with_name(IMAGEREWARD_CONFIG)}; nothing is downloaded here")
 
 
 def load_objective(spec) -> Objective:

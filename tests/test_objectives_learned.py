@@ -61,3 +61,66 @@ def test_learned_objectives_need_local_weights(tmp_path):
         objectives.check_objective(f"clip:{tmp_path}")
     with pytest.raises(ValueError, match="not a local checkpoint file"):
         objectives.check_objective(f"imagereward:{tmp_path / 'reward.pt'}")
+
+
+def test_imagereward_needs_its_config_next_to_the_checkpoint(tmp_path):
+    checkpoint = tmp_path / "ImageReward.pt"
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(ValueError, match=r"med_config\.json .* must lie next to the checkpoint"):
+        objectives.check_objective(f"imagereward:{checkpoint}")
+    (tmp_path / "med_config.json").write_text("{}")
+    objectives.check_objective(f"imagereward:{checkpoint}")
+
+
+def test_imagereward_glue_scores_the_mean_reward_of_the_picked_frames(tmp_path, monkeypatch):
+    """The image-reward package's own model needs hub files; a stand-in with its API (``load``, and
+    ``score(prompt, images)`` returning one reward per image, a bare float for one image) checks
+    what this project adds: the local config passed, the frames picked and the rewards averaged."""
+    import sys
+    import types
+
+    from PIL import Image
+
+    checkpoint = tmp_path / "ImageReward.pt"
+    checkpoint.write_bytes(b"weights")
+    (tmp_path / "med_config.json").write_text("{}")
+    loaded = {}
+
+    class Model:
+        def score(self, prompt, images):
+            assert isinstance(images, list) and all(isinstance(i, Image.Image) for i in images)
+            rewards = [float(np.asarray(i, dtype=np.float64).mean()) / 255 + len(prompt) for i in images]
+            return rewards if len(rewards) > 1 else rewards[0]
+
+    def load(name, device="cpu", download_root=None, med_config=None):
+        loaded.update(name=name, device=device, med_config=med_config)
+        return Model()
+
+    monkeypatch.setitem(sys.modules, "ImageReward", types.SimpleNamespace(load=load))
+    rng = np.random.default_rng(1)
+    videos = [rng.random((20, 8, 8, 3)), rng.random((1, 8, 8, 3))]
+    prompts = ["a red circle", "sq"]
+    got = objectives.load_objective(f"imagereward:{checkpoint}")(videos, prompts)
+    assert loaded["name"] == str(checkpoint) and loaded["med_config"] == str(tmp_path / "med_config.json")
+    # independently: 8 evenly spaced frames of the 20 (first and last included), each rounded to 8 bits
+    picks = [np.round(np.linspace(0, 19, 8)).astype(int), [0]]
+    for video, prompt, idx, score in zip(videos, prompts, picks, got):
+        frames = [np.round(video[i] * 255).astype(np.uint8) for i in idx]
+        expect = np.mean([f.astype(np.float64).mean() / 255 + len(prompt) for f in frames])
+        assert score == pytest.approx(expect, rel=1e-12)
+
+
+def test_imagereward_offline_failure_names_the_tokenizer(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    checkpoint = tmp_path / "ImageReward.pt"
+    checkpoint.write_bytes(b"weights")
+    (tmp_path / "med_config.json").write_text("{}")
+
+    def load(name, device="cpu", download_root=None, med_config=None):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files of bert-base-uncased")
+
+    monkeypatch.setitem(sys.modules, "ImageReward", types.SimpleNamespace(load=load))
+    with pytest.raises(ValueError, match="bert-base-uncased tokenizer in the local Hugging Face cache"):
+        objectives.load_objective(f"imagereward:{checkpoint}")
