@@ -151,7 +151,15 @@ def _generate(pipe, prompt: str, seed: int, spec: RunSpec, device) -> tuple[np.n
     return metrics.to_frames(frames), timing
 
 
-def _quality(frames: np.ndarray, prompt: str, shapes_suite: bool, extractors: dict) -> dict:
+def quality_dimensions(frames: np.ndarray, prompt: str = "", shapes_suite: bool = False,
+                       extractors: dict | None = None) -> dict:
+    """The VBench-style dimensions of one video (``[F, H, W, 3]`` in [0, 1]) as an eval row holds
+    them, plus the ShapesBench checker's verdict when ``shapes_suite``. ``extractors``: the subject
+    and background feature extractors (default: the classical features for both)."""
+    if extractors is None:
+        from .features import classical_features
+
+        extractors = {"subject": classical_features, "background": classical_features}
     dd = metrics.dynamic_degree(frames)
     # subject and background consistency differ only in their feature extractor; with the same one
     # (the classical default) they are one computation
@@ -254,7 +262,7 @@ def run_eval(pipeline: str, suite: str, spec: RunSpec, out: str | Path, device=N
                 row["ssim"] = round(metrics.ssim(frames, ref), 5) if min(frames.shape[1:3]) >= 11 else None
                 if lpips_score is not None:
                     row["lpips"] = round(lpips_score(frames, ref), 5)
-            row.update(_quality(frames, it["prompt"], shapes_suite, extractors))
+            row.update(quality_dimensions(frames, it["prompt"], shapes_suite, extractors))
             rows.append(row)
             _write_rows(shard_path, rows)
             bar.update(1)

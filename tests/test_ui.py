@@ -54,6 +54,11 @@ def test_compare_runs_both_on_one_seed_and_reports_metrics(studio):
     assert np.array_equal(base[:, ::scale, ::scale], np.round(np.clip(stock, 0, 1) * 255).astype(np.uint8))
     accel = _gif_frames(res["accelerated"])[:, ::scale, ::scale] / 255.0
     assert row["psnr"] == pytest.approx(min(metrics.psnr(accel, base[:, ::scale, ::scale] / 255.0), 99), abs=0.01)
+    # the VBench-style dimensions of the accelerated video, as the eval runner computes them
+    assert row["vbench_temporal_flickering"] == pytest.approx(metrics.temporal_flickering(accel), abs=1e-5)
+    assert row["vbench_motion_smoothness"] == pytest.approx(metrics.motion_smoothness(accel), abs=1e-5)
+    assert row["vbench_dynamic_degree"] == metrics.dynamic_degree(accel)["dynamic"]
+    assert row["vbench_subject_consistency"] == row["vbench_background_consistency"]
     assert 0 < row["density"] < 1 and row["speedup"] == pytest.approx(row["baseline_s"] / row["accelerated_s"], rel=0.01, abs=2e-3)
     assert studio.history[-1] is row and row["checker_baseline"] is not None
     exported = json.loads(studio.export("json").read_text())
@@ -297,7 +302,7 @@ def test_browser_compare_shows_both_outputs_timing_and_metrics(page):
     page.wait_for_selector("#metrics table", timeout=300000)
     text = page.locator("#metrics").inner_text()
     assert re.search(r"baseline time\s+[\d.]+ s", text) and re.search(r"speedup\s+[\d.]+×", text)
-    assert "PSNR vs baseline" in text and "VBench-style flicker" in text and "checker" in text
+    assert "PSNR vs baseline" in text and "VBench-style temporal flickering" in text and "VBench-style dynamic degree" in text and "checker" in text
     for elem in ("out-baseline", "out-accelerated", "out-difference"):
         assert page.locator(f"#{elem} img").count() == 1
     _shot(page, "compare")

@@ -57,7 +57,10 @@ def _metrics_markdown(row: dict) -> str:
              "| computed-block fraction | – (no cache) |",
              f"| PSNR vs baseline | {f(row['psnr'], '{:.2f}')} dB |", f"| SSIM vs baseline | {f(row['ssim'], '{:.4f}')} |",
              f"| checker (baseline / accelerated) | {f(row['checker_baseline'])} / {f(row['checker_accelerated'])} |"]
-    lines += [f"| VBench-style {k[7:]} | {f(v, '{:.4f}')} |" for k, v in row.items() if k.startswith("vbench_")]
+    for key, value in row.items():
+        if key.startswith("vbench_"):
+            shown = ("yes" if value else "no") if isinstance(value, bool) else f(value, "{:.4f}")
+            lines.append(f"| VBench-style {key[7:].replace('_', ' ')} | {shown} |")
     return "\n".join(lines)
 
 

@@ -281,13 +281,10 @@ class Studio:
 
     @staticmethod
     def _quality(frames) -> dict:
-        from ..evals.features import classical_features
+        """The eval runner's VBench-style dimensions (a video's; an image has none)."""
+        from ..evals.runner import quality_dimensions
 
-        out = {"flicker": round(metrics.temporal_flickering(frames), 4),
-               "smoothness": round(metrics.motion_smoothness(frames), 4)} if len(frames) > 1 else {}
-        if len(frames) > 1:
-            out["subject"] = round(metrics.feature_consistency(frames, classical_features), 4)
-        return out
+        return quality_dimensions(frames) if len(frames) > 1 else {}
 
     def export(self, kind: str) -> Path:
         """The history as CSV or JSON (atomically written); returns the path."""
