@@ -63,9 +63,17 @@ def test_learned_objectives_need_local_weights(tmp_path):
         objectives.check_objective(f"imagereward:{tmp_path / 'reward.pt'}")
 
 
-def test_imagereward_needs_its_config_next_to_the_checkpoint(tmp_path):
-    checkpoint = tmp_path / "ImageReward.pt"
+def _imagereward_files(folder, config: bool = True):
+    """A (placeholder) ImageReward checkpoint in `folder`, with its med_config.json unless not `config`."""
+    checkpoint = folder / "ImageReward.pt"
     checkpoint.write_bytes(b"weights")
+    if config:
+        (folder / "med_config.json").write_text("{}")
+    return checkpoint
+
+
+def test_imagereward_needs_its_config_next_to_the_checkpoint(tmp_path):
+    checkpoint = _imagereward_files(tmp_path, config=False)
     with pytest.raises(ValueError, match=r"med_config\.json .* must lie next to the checkpoint"):
         objectives.check_objective(f"imagereward:{checkpoint}")
     (tmp_path / "med_config.json").write_text("{}")
@@ -81,9 +89,7 @@ def test_imagereward_glue_scores_the_mean_reward_of_the_picked_frames(tmp_path, 
 
     from PIL import Image
 
-    checkpoint = tmp_path / "ImageReward.pt"
-    checkpoint.write_bytes(b"weights")
-    (tmp_path / "med_config.json").write_text("{}")
+    checkpoint = _imagereward_files(tmp_path)
     loaded = {}
 
     class Model:
@@ -114,9 +120,7 @@ def test_imagereward_offline_failure_names_the_tokenizer(tmp_path, monkeypatch):
     import sys
     import types
 
-    checkpoint = tmp_path / "ImageReward.pt"
-    checkpoint.write_bytes(b"weights")
-    (tmp_path / "med_config.json").write_text("{}")
+    checkpoint = _imagereward_files(tmp_path)
 
     def load(name, device="cpu", download_root=None, med_config=None):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files of bert-base-uncased")

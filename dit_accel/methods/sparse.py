@@ -109,8 +109,7 @@ class _TiledSparse(AttentionMethod):
 
     def _count_full(self, order: TileOrder, rows: int) -> None:
         """Add one call that computes every pair (dense steps and layers, full passes)."""
-        total = rows * _tokens(order) ** 2
-        self._pairs = [self._pairs[0] + total, self._pairs[1] + total]
+        self._count(_tokens(order) ** 2, order, rows)
 
     def _order(self, query, key, attn_mask, call: AttentionCall | None) -> TileOrder | None:
         """The tiled order of this call, or None when it must run dense."""
