@@ -80,13 +80,6 @@ EXTRAS_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2, max_registers=0),
 # (gap_group, several layout tiles' gaps reduced at once, was measured slower at 4 and 16 and removed:
 # sparse-extras-NVIDIA-H200-2026-11-30.json)
 EXTRAS = [{}, dict(lse=True), dict(gap=True), dict(gap=True, drop=True)]
-# the default launch against two changes to its key loop: ``clamp`` (the last key sub-tile is shifted
-# back inside the sequence, so the key and value loads need no mask) and ``pv_sync`` (the P @ V product
-# is waited for in its own iteration, so it is not in flight during the next Q @ K^T: ptxas then
-# keeps each product chain asynchronous instead of serializing it for lack of registers, and spills more)
-SYNC_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, pv_sync=ps, clamp=cl)
-                for ps, cl in itertools.product((False, True), (False, True))]
-CLAMP_CONFIGS = [c for c in SYNC_CONFIGS if not c["pv_sync"]]
 TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws, max_registers=0)
                for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
 
@@ -480,8 +473,7 @@ def main(argv=None) -> None:
     kind, _, only = args.configs.partition(":")
     swept = set() if kind == "default" else ({only} if only else set(SHAPES))
     sweeps = {"sweep": CONFIGS, "tma": TMA_CONFIGS, "split": CONFIGS + SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
-              "head64": HEAD64_CONFIGS, "sync": SYNC_CONFIGS,
-              "clamp": CLAMP_CONFIGS}
+              "head64": HEAD64_CONFIGS}
     if (kind not in sweeps and kind != "default") or not swept <= set(SHAPES):
         ap.error(f"--configs: expected one of {', '.join(sweeps)} (optionally ':SHAPE'), or 'default'; got "
                  f"{args.configs!r}")

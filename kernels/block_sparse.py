@@ -246,7 +246,7 @@ if triton is not None:
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr, PV_SYNC: tl.constexpr = False, CLAMP: tl.constexpr = False,
+        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -293,35 +293,21 @@ if triton is not None:
             k_end = S_K
             if HAS_LEN:
                 k_end = tl.minimum(S_K, kb * BLOCK_N + tl.load(TileLen + kb))
-            if CLAMP:  # the last sub-tile is shifted back inside the sequence: loads need no key mask
-                start_ld = tl.minimum(start_n, S_K - SUB_N)
-                offs_n = start_ld + tl.arange(0, SUB_N)
-                col_ok = (offs_n >= start_n) & (offs_n < k_end)
-                k_mask = d_ok[:, None]
-                v_mask = d_ok[None, :]
-                k_pos = offs_n
-                if HAS_INDEX:
-                    k_pos = tl.load(Index + offs_n)
+            offs_n = start_n + tl.arange(0, SUB_N)
+            col_ok = offs_n < k_end
+            if EVEN_D:  # head_dim is a power of two: no head_dim mask, so the loads vectorize
+                k_mask = col_ok[None, :]
+                v_mask = col_ok[:, None]
             else:
-                offs_n = start_n + tl.arange(0, SUB_N)
-                col_ok = offs_n < k_end
-                if EVEN_D:  # head_dim is a power of two: no head_dim mask, so the loads vectorize
-                    k_mask = col_ok[None, :]
-                    v_mask = col_ok[:, None]
-                else:
-                    k_mask = col_ok[None, :] & d_ok[:, None]
-                    v_mask = col_ok[:, None] & d_ok[None, :]
-                k_pos = offs_n
-                if HAS_INDEX:
-                    k_pos = tl.load(Index + offs_n, mask=offs_n < S_K, other=0)
+                k_mask = col_ok[None, :] & d_ok[:, None]
+                v_mask = col_ok[:, None] & d_ok[None, :]
+            k_pos = offs_n
+            if HAS_INDEX:
+                k_pos = tl.load(Index + offs_n, mask=offs_n < S_K, other=0)
             if USE_TMA:  # rows past the sequence hold other finite data or zeros; col_ok masks them
                 kt = tl.trans(DescK.load([k_row0 + start_n, k_col]))
             else:
-                k_ptr = K + b * skb + h * skh + k_pos[None, :] * sks + offs_d[:, None]
-                if CLAMP and EVEN_D:
-                    kt = tl.load(k_ptr)
-                else:
-                    kt = tl.load(k_ptr, mask=k_mask, other=0.0)
+                kt = tl.load(K + b * skb + h * skh + k_pos[None, :] * sks + offs_d[:, None], mask=k_mask, other=0.0)
             if DOT_F32:
                 kt = kt.to(tl.float32)
             qk = tl.dot(q, kt)
@@ -336,17 +322,11 @@ if triton is not None:
             if USE_TMA:  # p is 0 on masked rows
                 vv = DescV.load([v_row0 + start_n, v_col])
             else:
-                v_ptr = V + b * svb + h * svh + k_pos[:, None] * svs + offs_d[None, :]
-                if CLAMP and EVEN_D:
-                    vv = tl.load(v_ptr)
-                else:
-                    vv = tl.load(v_ptr, mask=v_mask, other=0.0)
+                vv = tl.load(V + b * svb + h * svh + k_pos[:, None] * svs + offs_d[None, :], mask=v_mask, other=0.0)
             if DOT_F32:
                 vv = vv.to(tl.float32)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(vv.dtype), vv, acc)
-            if PV_SYNC:
-                acc = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [acc], dtype=tl.float32, is_pure=True, pack=1)
             m_i = m_new
             if RETURN_GAP:
                 tile_rm = tl.maximum(tile_rm, qk_max)
@@ -397,8 +377,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   sub_n: int | None = None, num_warps: int | None = None,
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
                                   tma: bool | None = None, warp_specialize: bool | None = None,
-                                  max_registers: int | None = None, lse_drop: tuple | None = None,
-                                  pv_sync: bool | None = None, clamp: bool | None = None):
+                                  max_registers: int | None = None, lse_drop: tuple | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, chosen
@@ -425,8 +404,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     scale = D**-0.5 if scale is None else scale
     capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
     knobs = _launch_knobs(D, capability, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
-                          warp_specialize=warp_specialize, max_registers=max_registers, pv_sync=pv_sync,
-                          clamp=clamp)
+                          warp_specialize=warp_specialize, max_registers=max_registers)
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
@@ -461,8 +439,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
         WARP_SPEC=bool(knobs["warp_specialize"]), GAP_PARTS=parts, PTX_STORE=q.is_cuda,
-        LSE_DROP=lse_drop is not None, PV_SYNC=bool(knobs["pv_sync"]) and q.is_cuda,
-        CLAMP=bool(knobs["clamp"]) and S_k >= sub_n and descs is None,
+        LSE_DROP=lse_drop is not None,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
@@ -491,7 +468,7 @@ GAP_PARTS = 8
 # other than Hopper (compute capability 9.x), where it was measured: an A100 SM's 164 KiB of shared
 # memory holds one such CTA, not two, so the cap would only cost spills.
 LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
-                   "max_registers": 128, "pv_sync": False, "clamp": False}
+                   "max_registers": 128}
 
 
 def _launch_knobs(head_dim: int, capability: tuple[int, int] | None = (9, 0), **given) -> dict:
