@@ -47,7 +47,7 @@ SHAPES = {
     "cogvideox-5b-480p-49f": ((13, 30, 45), 226, 48, 64),
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
-PARTS = ("kernel", "overhead", "extras", "step")
+PARTS = ("kernel", "overhead", "extras", "step", "tail")
 # launch configurations tried for the Triton kernel (knobs of block_sparse_attention_triton;
 # max_registers 0 = no cap); 4 warps lost everywhere at head_dim 128 in the first sweeps (results of
 # 2dee894), so only 8 warps are swept; TMA loads and warp specialization never won beyond noise
@@ -219,6 +219,35 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
         done = [r for r in rows if r["density"] == row_base["density"] and r["method"].startswith(("flex", "ours ("))]
         print(*(f"  {r}" for r in done), sep="\n", flush=True)
         torch.cuda.empty_cache()
+    return rows
+
+
+def bench_tail(name: str, grid, text: int, heads: int, dim: int, densities, iters: int) -> list[dict]:
+    """What the last, partial wave of CTAs costs: the default launch on the whole layout against the
+    same layout with the CTAs of that partial wave (the last ones launched) given no key tiles. With
+    two CTAs per SM at the default launch, CTAs beyond a multiple of 2 x SMs form that wave."""
+    seq = math.prod(grid) + text
+    q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    slots = 2 * sms
+    rows = []
+    for density in densities:
+        mask = random_layout(seq, heads, density, text, seed=int(density * 1000))
+        blocks, counts = (t.cuda() for t in tiles_to_blocks(mask))
+        n_q = counts.shape[-1]
+        ctas = n_q * heads
+        tail = ctas % slots
+        cut = counts.clone().view(-1)
+        cut[ctas - tail:] = 0  # launch order: query tile fastest, then head
+        cut = cut.view_as(counts)
+        full_ms, base = _timed_against_dense(lambda: block_sparse_attention_triton(q, k, v, blocks, counts), q, k, v,
+                                             iters)
+        cut_ms = median(cuda_time_ms(lambda: block_sparse_attention_triton(q, k, v, blocks, cut), iters=iters))
+        rows.append(dict(shape=name, density=round(mask.float().mean().item(), 4), sms=sms, ctas=ctas,
+                         waves=round(ctas / slots, 3), tail_ctas=tail, ms=round(full_ms, 3),
+                         without_tail_ms=round(cut_ms, 3), tail_share=round(1 - cut_ms / full_ms, 4),
+                         tail_share_if_even=round(tail / ctas, 4), baseline_ms=round(base, 3),
+                         ratio=round(base / full_ms, 3)))
     return rows
 
 
@@ -446,7 +475,8 @@ def main(argv=None) -> None:
     ap.add_argument("--parts", default="kernel,overhead,step",
                     help="comma-separated: kernel (vs cuDNN / Flex per shape), overhead (tile layout and "
                          "TemporalSparse bookkeeping, Wan 480p), extras (the cost of TemporalSparse's gap and LSE "
-                         "outputs per launch configuration, Wan 480p), step (full Wan2.1-1.3B transformer step)")
+                         "outputs per launch configuration, Wan 480p), step (full Wan2.1-1.3B transformer step), "
+                         "tail (what the last, partial wave of CTAs costs, Wan 480p)")
     ap.add_argument("--configs", default="sweep:wan2.1-1.3b-480p-81f",
                     help="kernel launch configurations: 'sweep' (all shapes), 'sweep:SHAPE' (that shape; the "
                          "others use the defaults) or 'default'; 'tma' instead of 'sweep' sweeps the TMA and "
@@ -503,6 +533,10 @@ def main(argv=None) -> None:
         extras = bench_extras("wan2.1-1.3b-480p-81f", grid, text, heads, dim, (0.25, 0.1), args.iters)
         print_table(extras, ["density", "launch", "extras", "ms", "baseline_ms", "ratio"])
         payload["extras"] = extras
+    if "tail" in parts:
+        grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
+        payload["tail"] = bench_tail("wan2.1-1.3b-480p-81f", grid, text, heads, dim, (1.0, 0.25, 0.1), args.iters)
+        print_table(payload["tail"], list(payload["tail"][0]))
     if "step" in parts:
         step = bench_step(args.iters)
         print_table(step, ["method", "ms", "speedup", "density"])
