@@ -47,7 +47,7 @@ SHAPES = {
     "cogvideox-5b-480p-49f": ((13, 30, 45), 226, 48, 64),
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
-PARTS = ("kernel", "overhead", "extras", "step", "tail")
+PARTS = ("kernel", "overhead", "extras", "step", "tail", "patterns")
 # launch configurations tried for the Triton kernel (knobs of block_sparse_attention_triton;
 # max_registers 0 = no cap); 4 warps lost everywhere at head_dim 128 in the first sweeps (results of
 # 2dee894), so only 8 warps are swept; TMA loads and warp specialization never won beyond noise
@@ -248,6 +248,32 @@ def bench_tail(name: str, grid, text: int, heads: int, dim: int, densities, iter
                          without_tail_ms=round(cut_ms, 3), tail_share=round(1 - cut_ms / full_ms, 4),
                          tail_share_if_even=round(tail / ctas, 4), baseline_ms=round(base, 3),
                          ratio=round(base / full_ms, 3)))
+    return rows
+
+
+def bench_patterns(name: str, grid, text: int, heads: int, dim: int, densities, iters: int) -> list[dict]:
+    """The default launch on layouts with the same number of key tiles per query tile but different
+    access patterns: random (the kernel part's layouts), a band around the diagonal (wrapping at the
+    ends) and one shared set (every query tile of a head visits the same key tiles, the most reuse
+    the L2 cache can get); the gap between them is what the random order costs in memory traffic."""
+    seq = math.prod(grid) + text
+    q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    n = math.ceil(seq / TILE)
+    rows = []
+    for density in densities:
+        per_row = max(1, round(density * n))
+        idx = torch.arange(n)
+        band = (idx[:, None] + torch.arange(per_row)[None, :] - per_row // 2) % n
+        shared = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:per_row].expand(n, per_row)
+        layouts = {"random": random_layout(seq, heads, density, text, seed=int(density * 1000)),
+                   "band": torch.zeros(1, 1, n, n, dtype=torch.bool).scatter_(-1, band[None, None], True),
+                   "shared": torch.zeros(1, 1, n, n, dtype=torch.bool).scatter_(-1, shared[None, None], True)}
+        for pattern, mask in layouts.items():
+            blocks, counts = (t.expand(1, heads, *t.shape[2:]).contiguous().cuda() for t in tiles_to_blocks(mask))
+            ms, base = _timed_against_dense(lambda: block_sparse_attention_triton(q, k, v, blocks, counts), q, k, v,
+                                            iters)
+            rows.append(dict(shape=name, density=round(mask.float().mean().item(), 4), pattern=pattern,
+                             ms=round(ms, 3), baseline_ms=round(base, 3), ratio=round(base / ms, 3)))
     return rows
 
 
@@ -476,7 +502,8 @@ def main(argv=None) -> None:
                     help="comma-separated: kernel (vs cuDNN / Flex per shape), overhead (tile layout and "
                          "TemporalSparse bookkeeping, Wan 480p), extras (the cost of TemporalSparse's gap and LSE "
                          "outputs per launch configuration, Wan 480p), step (full Wan2.1-1.3B transformer step), "
-                         "tail (what the last, partial wave of CTAs costs, Wan 480p)")
+                         "tail (what the last, partial wave of CTAs costs, Wan 480p), patterns (random, banded "
+                         "and shared layouts of equal density, Wan 480p)")
     ap.add_argument("--configs", default="sweep:wan2.1-1.3b-480p-81f",
                     help="kernel launch configurations: 'sweep' (all shapes), 'sweep:SHAPE' (that shape; the "
                          "others use the defaults) or 'default'; 'tma' instead of 'sweep' sweeps the TMA and "
@@ -537,6 +564,10 @@ def main(argv=None) -> None:
         grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
         payload["tail"] = bench_tail("wan2.1-1.3b-480p-81f", grid, text, heads, dim, (1.0, 0.25, 0.1), args.iters)
         print_table(payload["tail"], list(payload["tail"][0]))
+    if "patterns" in parts:
+        grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
+        payload["patterns"] = bench_patterns("wan2.1-1.3b-480p-81f", grid, text, heads, dim, (0.25, 0.1), args.iters)
+        print_table(payload["patterns"], list(payload["patterns"][0]))
     if "step" in parts:
         step = bench_step(args.iters)
         print_table(step, ["method", "ms", "speedup", "density"])
