@@ -81,6 +81,17 @@ def pooled_estimate(q, k, v, blocks, counts, out, lse, tile_len, seq_index):
     return new
 
 
+def fidelity(videos, dense, prompts, dense_scores) -> dict:
+    """PSNR / SSIM of each video against the dense video of its seed (mean, worst) and the checker's
+    change from dense in points."""
+    p = [min(psnr(a, b), 100.0) for a, b in zip(videos, dense)]
+    s = [ssim(a, b) for a, b in zip(videos, dense)]
+    scores = checker.score(videos, prompts)
+    return {"psnr": round(float(np.mean(p)), 2), "psnr_min": round(float(np.min(p)), 2),
+            "ssim": round(float(np.mean(s)), 4), "ssim_min": round(float(np.min(s)), 4),
+            **{f"{k}_change_pts": round(100 * (scores[k] - dense_scores[k]), 1) for k in ("color", "shape", "motion")}}
+
+
 @contextlib.contextmanager
 def with_pooled_estimate():
     """Patch the sparse methods' kernel call to add the pooled estimate of skipped tiles."""
@@ -134,14 +145,8 @@ def main(argv=None) -> None:
                     videos = _generate(pipe, suite, device, args.batch, **size)
             finally:
                 handle.remove()
-            p = [min(psnr(a, b), 100.0) for a, b in zip(videos, dense)]
-            s = [ssim(a, b) for a, b in zip(videos, dense)]
-            scores = checker.score(videos, prompts)
             rows.append({"config": name, "pooled_estimate": pooled, "density": round(method.density(), 4),
-                         "psnr": round(float(np.mean(p)), 2), "psnr_min": round(float(np.min(p)), 2),
-                         "ssim": round(float(np.mean(s)), 4), "ssim_min": round(float(np.min(s)), 4),
-                         **{f"{k}_change_pts": round(100 * (scores[k] - dense_scores[k]), 1)
-                            for k in ("color", "shape", "motion")}})
+                         **fidelity(videos, dense, prompts, dense_scores)})
             print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))
     payload = {"command": "python -m dit_accel.benchmarks.sparse_pooled " + " ".join(argv or []),

@@ -1,0 +1,146 @@
+"""Probe: does reusing the skipped tiles' output from the last full pass bring tile skipping close to
+dense on the ShapesBench reference model?
+
+    python -m dit_accel.benchmarks.sparse_cached                    # GPU, 64 held-out prompts
+    python -m dit_accel.benchmarks.sparse_cached --prompts 1 --steps 4 --configs "keep 0.3, refresh off"   # smoke
+
+The reference model attends broadly, so the tiles a sparse pass skips carry much of the attention
+mass (``sparse_quality.py``). Here a `TemporalSparse` held at a fixed share of key tiles (the most
+weighted ones after each full pass; the layout stays fixed between full passes) also keeps, from each
+full pass, the attention output and log-sum-exp of the tiles it is about to skip (one more kernel
+pass over those tiles), and merges that stale part into every following sparse pass through the
+log-sum-exp, as caching methods reuse a block's output across steps. Without the cache the same
+layouts simply drop those tiles. Density counts full passes as 1 and sparse passes by their layout
+(the extra pass over the skipped tiles at a full step is not counted: a full pass split in two does
+the same work). Memory: one output and one log-sum-exp per layer and CFG branch.
+
+Writes ``benchmarks/results/sparse-cached-<device>-<date>.json`` (or ``--out DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from dit_accel.benchmarks.reference import _generate
+from dit_accel.benchmarks.report import print_table, write_result
+from dit_accel.benchmarks.sparse_pooled import fidelity
+from dit_accel.evals import shapes as checker
+from dit_accel.kernels.block_sparse import TILE, _tile_len_mask, block_sparse_attention, tiles_to_blocks
+from dit_accel.pipelines import load_reference
+from dit_accel.pipelines.shapes.pipeline import DEFAULT_SIZE, DEFAULT_STEPS
+from dit_accel.pipelines.shapes.suite import held_out_suite
+
+import dit_accel
+from dit_accel import TemporalSparse
+
+
+def _model_order(lse, order) -> torch.Tensor:
+    """Per-slot log-sum-exp ``[B, H, slots]`` -> model order ``[B, H, S]``."""
+    idx = order.index.long()
+    valid = _tile_len_mask(order.tile_len, idx.numel(), TILE)
+    out = lse.new_full((*lse.shape[:2], int(order.tile_len.sum())), float("-inf"))
+    out[:, :, idx[valid]] = lse[:, :, valid]
+    return out
+
+
+def merge(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
+    """Attention over two disjoint key sets from each set's output and log-sum-exp (model order)."""
+    m = torch.maximum(lse_a, lse_b)
+    a, b = torch.exp(lse_a - m).nan_to_num(0.0), torch.exp(lse_b - m).nan_to_num(0.0)
+    return ((a[..., None] * out_a.float() + b[..., None] * out_b.float()) / (a + b)[..., None]).to(out_a.dtype)
+
+
+@dataclass
+class HeldTiles(TemporalSparse):
+    """TemporalSparse at a fixed share ``keep`` of key tiles, optionally reusing the skipped tiles'
+    output of the last full pass (``cache``)."""
+
+    keep: float = 0.25
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        self.threshold, self.min_density, self.max_density, self.refresh_tol = float("inf"), self.keep, self.keep, None
+        super().__post_init__()
+
+    def __call__(self, query, key, value, attn_mask, call=None):
+        order = self._order(query, key, attn_mask, call)
+        if order is None or not self.cache or self._dense_step(order, call, query):
+            return super().__call__(query, key, value, attn_mask, call)
+        state, step = call.state, call.layout.step_index
+        since = step - self.warmup_steps
+        if (step < self.warmup_steps or "blocks" not in state
+                or (self.refresh_every > 0 and since > 0 and since % self.refresh_every == 0)):
+            out = super().__call__(query, key, value, attn_mask, call)  # full pass; next layout in state
+            n = order.tile_len.numel()
+            mask = self.tile_mask(state, n)
+            blocks, counts = (t.to(query.device) for t in tiles_to_blocks(~mask))
+            rest, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
+                                               seq_index=order.index, return_lse=True)
+            lens = order.tile_len.double()
+            state["cached"] = (rest, _model_order(lse, order),
+                               float(torch.einsum("bhqk,q,k->", mask.double(), lens, lens)))
+            return out
+        rest, rest_lse, pairs = state["cached"]
+        out, lse = block_sparse_attention(query, key, value, state["blocks"], state["counts"], tile_len=order.tile_len,
+                                          seq_index=order.index, return_lse=True)
+        B, H = query.shape[:2]
+        self._count(pairs / (B * H), order, B * H)
+        return merge(out, _model_order(lse, order), rest, rest_lse)
+
+
+CONFIGS = {  # name: (keep, refresh_every); 20 steps, 2 warm-up (full) steps
+    "keep 0.3, refresh off": (0.3, 0),
+    "keep 0.25, refresh every 9": (0.25, 9),
+    "keep 0.25, refresh every 6": (0.25, 6),
+    "keep 0.2, refresh every 6": (0.2, 6),
+    "keep 0.1, refresh every 4": (0.1, 4),
+}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--configs", default=";".join(CONFIGS), help=f"';'-separated, from: {'; '.join(CONFIGS)}")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    names = [c.strip() for c in args.configs.split(";") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        ap.error(f"--configs: unknown {unknown}; choose from {'; '.join(CONFIGS)}")
+    device = torch.device(args.device)
+    pipe = load_reference(device=device, dtype=None)
+    pipe.set_progress_bar_config(disable=True)
+    suite = held_out_suite(args.prompts)
+    prompts = [r["prompt"] for r in suite]
+    size = dict(num_inference_steps=args.steps, **DEFAULT_SIZE)
+    dense = _generate(pipe, suite, device, args.batch, **size)
+    dense_scores = checker.score(dense, prompts)
+    rows = []
+    for name in names:
+        keep, refresh = CONFIGS[name]
+        for cache in (False, True):
+            method = HeldTiles(keep=keep, cache=cache, refresh_every=refresh, warmup_steps=2)
+            handle = dit_accel.apply(pipe, attention=method)
+            try:
+                videos = _generate(pipe, suite, device, args.batch, **size)
+            finally:
+                handle.remove()
+            rows.append({"config": name, "cached_rest": cache, "density": round(method.density(), 4),
+                         **fidelity(videos, dense, prompts, dense_scores)})
+            print_table(rows[-1:], list(rows[-1]))
+    print_table(rows, list(rows[0]))
+    payload = {"command": "python -m dit_accel.benchmarks.sparse_cached " + " ".join(argv or []),
+               "prompts": len(suite), "size": DEFAULT_SIZE, "steps": args.steps,
+               "dense": {k: dense_scores[k] for k in ("color", "shape", "motion")}, "rows": rows}
+    print(f"wrote {write_result('sparse-cached', payload, args.out)}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
