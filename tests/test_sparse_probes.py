@@ -51,3 +51,27 @@ def test_nothing_added_when_every_tile_is_visited_and_the_patch_is_undone():
         out = sparse_methods.block_sparse_attention(q, k, v, blocks, counts, tile_len=tile_len, seq_index=index)
     assert sparse_methods.block_sparse_attention is kernel
     assert (out.double() - _dense64(q, k, v)).abs().max() < 1e-4
+
+
+def test_cached_probe_merge_of_a_layout_and_its_complement_is_dense():
+    """sparse_cached merges the kept tiles' pass with the skipped tiles' pass through their LSEs."""
+    from dit_accel.benchmarks import sparse_cached
+    from dit_accel.kernels.tile_order import tile_order
+
+    order = tile_order((3, 8, 10), None, 0, False, torch.device("cpu"))  # padded 3D tiles
+    S = 3 * 8 * 10
+    n = order.tile_len.numel()
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    q, k, v = (torch.randn(2, 2, S, 64, generator=g) for _ in range(3))
+    mask = torch.rand(2, 2, n, n, generator=g) < 0.5
+    mask[..., torch.arange(n), torch.arange(n)] = True
+    parts = []
+    for m in (mask, ~mask):
+        blocks, counts = tiles_to_blocks(m)
+        out, lse = block_sparse_attention_reference(q, k, v, blocks, counts, return_lse=True, tile_len=order.tile_len,
+                                                    seq_index=order.index)
+        parts += [out, sparse_cached._model_order(lse, order)]
+    merged = sparse_cached.merge(*parts)
+    dense = _dense64(q, k, v)
+    assert (parts[0].double() - dense).abs().max() > 1e-2
+    assert (merged.double() - dense).abs().max() < 1e-4
