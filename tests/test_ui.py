@@ -149,6 +149,36 @@ def test_stop_ends_a_running_compare_and_keeps_nothing(studio):
     assert len(studio.history) == history + 1
 
 
+def test_stop_ends_a_running_guided_generation_and_keeps_nothing(studio):
+    folders = sorted(studio.workdir.iterdir())
+    calls = []
+
+    def stop_in_the_guided_pass(module, args):  # the unguided generation is MAX_STEPS calls
+        calls.append(1)
+        if len(calls) == MAX_STEPS + 3:
+            assert studio.cancel("compare") is False  # another kind of run is left alone
+            assert studio.cancel("guided") is True
+
+    hook = studio.pipe.transformer.register_forward_pre_hook(stop_in_the_guided_pass)
+    try:
+        with pytest.raises(Stopped):
+            studio.guided(PROMPT, 0, MAX_STEPS, 9, 32, 32, guidance_scale=1.0, heads=["0.1"])
+    finally:
+        hook.remove()
+    assert MAX_STEPS + 3 <= len(calls) <= MAX_STEPS + 5  # stopped at once, not after the guided pass
+    assert not studio.lock.locked() and sorted(studio.workdir.iterdir()) == folders  # nothing kept
+    assert studio.guided(PROMPT, 0, guidance_scale=1.0, heads=["0.1"], **TINY)["max_abs_diff"] > 0  # runs again
+
+
+def test_app_wires_a_stop_to_every_long_run(studio):
+    from dit_accel.ui.app import build_app
+
+    app = build_app(studio)
+    ids = {block._id: getattr(block, "elem_id", None) for block in app.blocks.values()}
+    cancelling = {ids[t[0]] for dep in app.config["dependencies"] if dep.get("cancels") for t in dep["targets"]}
+    assert {"stop-compare", "stop-guided", "stop-headhunt", "stop-eval"} <= cancelling, cancelling
+
+
 def test_stopped_eval_resumes_to_the_uninterrupted_result(studio):
     configs = ("size: {num_frames: 5, height: 16, width: 16}\nsteps: 3\nconfigs:\n"
                "- {name: dense, attention: {method: Dense}}\n")

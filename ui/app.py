@@ -55,7 +55,8 @@ def _metrics_markdown(row: dict) -> str:
              f"| baseline time | {f(row['baseline_s'])} s |", f"| accelerated time | {f(row['accelerated_s'])} s |",
              f"| speedup | {f(row['speedup'], '{:.2f}')}× |", f"| attention density | {f(row['density'])} |",
              "| computed-block fraction | – (no cache) |",
-             f"| PSNR vs baseline | {f(row['psnr'], '{:.2f}')} dB |", f"| SSIM vs baseline | {f(row['ssim'], '{:.4f}')} |",
+             f"| PSNR vs baseline | {f(row['psnr'], '{:.2f}')} dB |",
+             f"| SSIM vs baseline | {f(row['ssim'], '{:.4f}')} |",
              f"| checker (baseline / accelerated) | {f(row['checker_baseline'])} / {f(row['checker_accelerated'])} |"]
     for key, value in row.items():
         if key.startswith("vbench_"):
@@ -157,7 +158,9 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
             with gr.Row():
                 g_u = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="SoftPAG strength u", elem_id="g-u")
                 g_s = gr.Slider(0.0, 10.0, value=3.0, step=0.1, label="SoftPAG scale s", elem_id="g-s")
-            g_run = gr.Button("Generate without / with guidance", variant="primary", elem_id="run-guided")
+            with gr.Row():
+                g_run = gr.Button("Generate without / with guidance", variant="primary", elem_id="run-guided")
+                g_stop = gr.Button("Stop", elem_id="stop-guided")
             with gr.Row():
                 g_plain = gr.Image(label="Unguided", type="filepath", elem_id="out-unguided")
                 g_guided = gr.Image(label="Guided", type="filepath", elem_id="out-guided")
@@ -201,8 +204,10 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
                         f"{res['psnr']:.2f} dB; checker {res['checker_unguided']} -> {res['checker_guided']}")
                 return str(res["unguided"]), str(res["guided"]), info
 
-            g_run.click(do_guided, [g_prompt, g_seed, g_cfg, g_u, g_s, *grid], [g_plain, g_guided, g_info],
-                        api_name="guided")
+            g_event = g_run.click(do_guided, [g_prompt, g_seed, g_cfg, g_u, g_s, *grid], [g_plain, g_guided, g_info],
+                                  api_name="guided")
+            g_stop.click(stopper("guided", "Stopped: the guided generation was cancelled; nothing of it was kept."),
+                         None, g_info, cancels=[g_event])
 
             @_errors
             def do_save(path, u, s, eff, *groups):
