@@ -276,7 +276,8 @@ class Studio:
             }
             self.history.append(row)
         diff = np.clip(np.abs(accel - base) * 4, 0, 1)
-        return {"baseline": to_gif(base, folder / "baseline.gif"), "accelerated": to_gif(accel, folder / "accelerated.gif"),
+        return {"baseline": to_gif(base, folder / "baseline.gif"),
+                "accelerated": to_gif(accel, folder / "accelerated.gif"),
                 "difference": to_gif(diff, folder / "difference.gif"), "row": row}
 
     @staticmethod
