@@ -528,7 +528,8 @@ def main(argv=None) -> None:
                     help="kernel launch configurations: 'sweep' (all shapes), 'sweep:SHAPE' (that shape; the "
                          "others use the defaults) or 'default'; 'tma' instead of 'sweep' sweeps the TMA and "
                          "warp-specialization knobs, 'split' adds 64-query CTAs of 4 warps, 'occupancy' tries "
-                         "two CTAs per SM (registers capped, small key steps), 'head64' the head_dim-64 knobs")
+                         "two CTAs per SM (registers capped, small key steps), 'head64' the head_dim-64 knobs, "
+                         "'tma-cap' the default with and without TMA loads")
     ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     ap.add_argument("--name", default="sparse", help="result file name prefix (NAME-<device>-<date>.json)")
     args = ap.parse_args(argv)
