@@ -116,17 +116,16 @@ def with_pooled_estimate():
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"';'-separated, from: {'; '.join(CONFIGS)}")
+    ap.add_argument("--configs", default=";".join(CONFIGS), help=f"';'-separated, from: {'; '.join(CONFIGS)}")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    names = [c for c in args.configs.split(";") if c] if ";" in args.configs or args.configs in CONFIGS \
-        else list(CONFIGS)
+    names = [c.strip() for c in args.configs.split(";") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
-        ap.error(f"--configs: unknown {unknown}")
+        ap.error(f"--configs: unknown {unknown}; choose from {'; '.join(CONFIGS)}")
     device = torch.device(args.device)
     pipe = load_reference(device=device, dtype=None)
     pipe.set_progress_bar_config(disable=True)

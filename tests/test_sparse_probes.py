@@ -1,4 +1,4 @@
-"""The pooled-estimate probe (benchmarks/sparse_pooled.py) against explicit float64 attention."""
+"""The sparse probes (benchmarks/sparse_pooled.py, sparse_cached.py) against explicit float64 attention."""
 
 import pytest
 import torch
