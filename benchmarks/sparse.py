@@ -82,8 +82,6 @@ EXTRAS_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2, max_registers=0),
 EXTRAS = [{}, dict(lse=True), dict(gap=True), dict(gap=True, drop=True)]
 # the default launch with and without TMA loads (with --repeats: the comparison the single runs left to noise)
 TMA_CAP_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, tma=t) for t in (False, True)]
-# the default launch with its key loop unrolled twice (Triton's loop_unroll_factor)
-UNROLL_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, unroll=u) for u in (1, 2)]
 TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws, max_registers=0)
                for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
 
@@ -553,8 +551,7 @@ def main(argv=None) -> None:
     kind, _, only = args.configs.partition(":")
     swept = set() if kind == "default" else ({only} if only else set(SHAPES))
     sweeps = {"sweep": CONFIGS, "tma": TMA_CONFIGS, "split": CONFIGS + SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
-              "head64": HEAD64_CONFIGS, "tma-cap": TMA_CAP_CONFIGS,
-              "unroll": UNROLL_CONFIGS}
+              "head64": HEAD64_CONFIGS, "tma-cap": TMA_CAP_CONFIGS}
     if (kind not in sweeps and kind != "default") or not swept <= set(SHAPES):
         ap.error(f"--configs: expected one of {', '.join(sweeps)} (optionally ':SHAPE'), or 'default'; got "
                  f"{args.configs!r}")

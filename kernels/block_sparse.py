@@ -246,7 +246,7 @@ if triton is not None:
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr, UNROLL: tl.constexpr = 1,
+        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -286,7 +286,7 @@ if triton is not None:
         if RETURN_GAP:
             gap_row = Gap + (pid_bh * N_Q + pid_m) * sgm
             tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        for i in tl.range(0, count * R, warp_specialize=WARP_SPEC, loop_unroll_factor=UNROLL):
+        for i in tl.range(0, count * R, warp_specialize=WARP_SPEC):
             # layout tiles of BLOCK_N keys are visited as R sub-tiles of SUB_N
             kb = tl.load(block_row + i // R)
             start_n = kb * BLOCK_N + (i % R) * SUB_N
@@ -377,8 +377,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   sub_n: int | None = None, num_warps: int | None = None,
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
                                   tma: bool | None = None, warp_specialize: bool | None = None,
-                                  max_registers: int | None = None, lse_drop: tuple | None = None,
-                                  unroll: int | None = None):
+                                  max_registers: int | None = None, lse_drop: tuple | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, chosen
@@ -405,7 +404,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     scale = D**-0.5 if scale is None else scale
     capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
     knobs = _launch_knobs(D, capability, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
-                          warp_specialize=warp_specialize, max_registers=max_registers, unroll=unroll)
+                          warp_specialize=warp_specialize, max_registers=max_registers)
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
@@ -440,7 +439,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
         WARP_SPEC=bool(knobs["warp_specialize"]), GAP_PARTS=parts, PTX_STORE=q.is_cuda,
-        LSE_DROP=lse_drop is not None, UNROLL=int(knobs["unroll"]),
+        LSE_DROP=lse_drop is not None,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
@@ -469,7 +468,7 @@ GAP_PARTS = 8
 # other than Hopper (compute capability 9.x), where it was measured: an A100 SM's 164 KiB of shared
 # memory holds one such CTA, not two, so the cap would only cost spills.
 LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
-                   "max_registers": 128, "unroll": 1}
+                   "max_registers": 128}
 
 
 def _launch_knobs(head_dim: int, capability: tuple[int, int] | None = (9, 0), **given) -> dict:
