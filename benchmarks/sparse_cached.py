@@ -9,8 +9,9 @@ mass (``sparse_quality.py``). Here a `TemporalSparse` held at a fixed share of k
 weighted ones after each full pass; the layout stays fixed between full passes) also keeps, from each
 full pass, the attention output and log-sum-exp of the tiles it is about to skip (one more kernel
 pass over those tiles), and merges that stale part into every following sparse pass through the
-log-sum-exp, as caching methods reuse a block's output across steps. Without the cache the same
-layouts simply drop those tiles. Density counts full passes as 1 and sparse passes by their layout
+log-sum-exp, as caching methods reuse a block's output across steps (``--reuse merge``); or keeps
+the full output minus the kept tiles' output and adds that difference to every sparse pass
+(``delta``). Without either (``drop``) the same layouts simply drop those tiles. Density counts full passes as 1 and sparse passes by their layout
 (the extra pass over the skipped tiles at a full step is not counted: a full pass split in two does
 the same work). Memory: one output and one log-sum-exp per layer and CFG branch.
 
@@ -55,10 +56,12 @@ def merge(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
 @dataclass
 class HeldTiles(TemporalSparse):
     """TemporalSparse at a fixed share ``keep`` of key tiles, optionally reusing the skipped tiles'
-    output of the last full pass (``cache``)."""
+    contribution from the last full pass: ``reuse="merge"`` keeps their output and log-sum-exp and
+    merges them with each sparse pass; ``reuse="delta"`` keeps the full pass's output minus the
+    kept tiles' output and adds that difference to each sparse pass; ``None`` drops them."""
 
     keep: float = 0.25
-    cache: bool = True
+    reuse: str | None = "merge"
 
     def __post_init__(self) -> None:
         self.threshold, self.min_density, self.max_density, self.refresh_tol = float("inf"), self.keep, self.keep, None
@@ -66,7 +69,7 @@ class HeldTiles(TemporalSparse):
 
     def __call__(self, query, key, value, attn_mask, call=None):
         order = self._order(query, key, attn_mask, call)
-        if order is None or not self.cache or self._dense_step(order, call, query):
+        if order is None or self.reuse is None or self._dense_step(order, call, query):
             return super().__call__(query, key, value, attn_mask, call)
         state, step = call.state, call.layout.step_index
         since = step - self.warmup_steps
@@ -75,18 +78,27 @@ class HeldTiles(TemporalSparse):
             out = super().__call__(query, key, value, attn_mask, call)  # full pass; next layout in state
             n = order.tile_len.numel()
             mask = self.tile_mask(state, n)
+            lens = order.tile_len.double()
+            pairs = float(torch.einsum("bhqk,q,k->", mask.double(), lens, lens))
+            if self.reuse == "delta":
+                kept = block_sparse_attention(query, key, value, state["blocks"], state["counts"],
+                                              tile_len=order.tile_len, seq_index=order.index)
+                state["cached"] = (out.float() - kept.float(), None, pairs)
+                return out
             blocks, counts = (t.to(query.device) for t in tiles_to_blocks(~mask))
             rest, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
                                                seq_index=order.index, return_lse=True)
-            lens = order.tile_len.double()
-            state["cached"] = (rest, _model_order(lse, order),
-                               float(torch.einsum("bhqk,q,k->", mask.double(), lens, lens)))
+            state["cached"] = (rest, _model_order(lse, order), pairs)
             return out
         rest, rest_lse, pairs = state["cached"]
-        out, lse = block_sparse_attention(query, key, value, state["blocks"], state["counts"], tile_len=order.tile_len,
-                                          seq_index=order.index, return_lse=True)
         B, H = query.shape[:2]
         self._count(pairs / (B * H), order, B * H)
+        if self.reuse == "delta":
+            out = block_sparse_attention(query, key, value, state["blocks"], state["counts"], tile_len=order.tile_len,
+                                         seq_index=order.index)
+            return (out.float() + rest).to(out.dtype)
+        out, lse = block_sparse_attention(query, key, value, state["blocks"], state["counts"], tile_len=order.tile_len,
+                                          seq_index=order.index, return_lse=True)
         return merge(out, _model_order(lse, order), rest, rest_lse)
 
 
@@ -96,22 +108,29 @@ CONFIGS = {  # name: (keep, refresh_every); 20 steps, 2 warm-up (full) steps
     "keep 0.25, refresh every 6": (0.25, 6),
     "keep 0.2, refresh every 6": (0.2, 6),
     "keep 0.1, refresh every 4": (0.1, 4),
+    "keep 0.05, refresh every 3": (0.05, 3),
 }
+REUSE = {"drop": None, "merge": "merge", "delta": "delta"}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--configs", default=";".join(CONFIGS), help=f"';'-separated, from: {'; '.join(CONFIGS)}")
+    ap.add_argument("--reuse", default="drop,merge", help=f"comma-separated, from: {', '.join(REUSE)}")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--name", default="sparse-cached", help="result file name prefix (NAME-<device>-<date>.json)")
     args = ap.parse_args(argv)
     names = [c.strip() for c in args.configs.split(";") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         ap.error(f"--configs: unknown {unknown}; choose from {'; '.join(CONFIGS)}")
+    reuses = [r.strip() for r in args.reuse.split(",") if r.strip()]
+    if not reuses or any(r not in REUSE for r in reuses):
+        ap.error(f"--reuse: expected some of {', '.join(REUSE)}, got {args.reuse!r}")
     device = torch.device(args.device)
     pipe = load_reference(device=device, dtype=None)
     pipe.set_progress_bar_config(disable=True)
@@ -123,21 +142,21 @@ def main(argv=None) -> None:
     rows = []
     for name in names:
         keep, refresh = CONFIGS[name]
-        for cache in (False, True):
-            method = HeldTiles(keep=keep, cache=cache, refresh_every=refresh, warmup_steps=2)
+        for reuse in reuses:
+            method = HeldTiles(keep=keep, reuse=REUSE[reuse], refresh_every=refresh, warmup_steps=2)
             handle = dit_accel.apply(pipe, attention=method)
             try:
                 videos = _generate(pipe, suite, device, args.batch, **size)
             finally:
                 handle.remove()
-            rows.append({"config": name, "cached_rest": cache, "density": round(method.density(), 4),
+            rows.append({"config": name, "reuse": reuse, "density": round(method.density(), 4),
                          **fidelity(videos, dense, prompts, dense_scores)})
             print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))
     payload = {"command": "python -m dit_accel.benchmarks.sparse_cached " + " ".join(argv or []),
                "prompts": len(suite), "size": DEFAULT_SIZE, "steps": args.steps,
                "dense": {k: dense_scores[k] for k in ("color", "shape", "motion")}, "rows": rows}
-    print(f"wrote {write_result('sparse-cached', payload, args.out)}")
+    print(f"wrote {write_result(args.name, payload, args.out)}")
 
 
 if __name__ == "__main__":
