@@ -11,9 +11,10 @@ full pass, the attention output and log-sum-exp of the tiles it is about to skip
 pass over those tiles), and merges that stale part into every following sparse pass through the
 log-sum-exp, as caching methods reuse a block's output across steps (``--reuse merge``); or keeps
 the full output minus the kept tiles' output and adds that difference to every sparse pass
-(``delta``). Without either (``drop``) the same layouts simply drop those tiles. Density counts full passes as 1 and sparse passes by their layout
-(the extra pass over the skipped tiles at a full step is not counted: a full pass split in two does
-the same work). Memory: one output and one log-sum-exp per layer and CFG branch.
+(``delta``). Without either (``drop``) the same layouts simply drop those tiles. Density counts
+full passes as 1 and sparse passes by their layout (the extra pass at a full step is not counted: a
+full pass split in two does the same work). Memory: one output and one log-sum-exp (``delta``: one
+float32 output) per layer and CFG branch.
 
 Writes ``benchmarks/results/sparse-cached-<device>-<date>.json`` (or ``--out DIR``).
 """
