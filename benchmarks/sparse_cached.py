@@ -21,20 +21,13 @@ Writes ``benchmarks/results/sparse-cached-<device>-<date>.json`` (or ``--out DIR
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 from dataclasses import dataclass
 
 import torch
-from dit_accel.benchmarks.reference import _generate
-from dit_accel.benchmarks.report import print_table, write_result
-from dit_accel.benchmarks.sparse_pooled import fidelity
-from dit_accel.evals import shapes as checker
+from dit_accel.benchmarks.sparse_pooled import probe_configs, probe_parser, run_probe
 from dit_accel.kernels.block_sparse import TILE, _tile_len_mask, block_sparse_attention, tiles_to_blocks
-from dit_accel.pipelines import load_reference
-from dit_accel.pipelines.shapes.pipeline import DEFAULT_SIZE, DEFAULT_STEPS
-from dit_accel.pipelines.shapes.suite import held_out_suite
 
-import dit_accel
 from dit_accel import TemporalSparse
 
 
@@ -115,49 +108,20 @@ REUSE = {"drop": None, "merge": "merge", "delta": "delta"}
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--configs", default=";".join(CONFIGS), help=f"';'-separated, from: {'; '.join(CONFIGS)}")
+    ap = probe_parser(__doc__, CONFIGS, "sparse-cached")
     ap.add_argument("--reuse", default="drop,merge", help=f"comma-separated, from: {', '.join(REUSE)}")
-    ap.add_argument("--prompts", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--name", default="sparse-cached", help="result file name prefix (NAME-<device>-<date>.json)")
     args = ap.parse_args(argv)
-    names = [c.strip() for c in args.configs.split(";") if c.strip()]
-    unknown = [c for c in names if c not in CONFIGS]
-    if unknown:
-        ap.error(f"--configs: unknown {unknown}; choose from {'; '.join(CONFIGS)}")
+    names = probe_configs(ap, args, CONFIGS)
     reuses = [r.strip() for r in args.reuse.split(",") if r.strip()]
     if not reuses or any(r not in REUSE for r in reuses):
         ap.error(f"--reuse: expected some of {', '.join(REUSE)}, got {args.reuse!r}")
-    device = torch.device(args.device)
-    pipe = load_reference(device=device, dtype=None)
-    pipe.set_progress_bar_config(disable=True)
-    suite = held_out_suite(args.prompts)
-    prompts = [r["prompt"] for r in suite]
-    size = dict(num_inference_steps=args.steps, **DEFAULT_SIZE)
-    dense = _generate(pipe, suite, device, args.batch, **size)
-    dense_scores = checker.score(dense, prompts)
-    rows = []
-    for name in names:
-        keep, refresh = CONFIGS[name]
-        for reuse in reuses:
-            method = HeldTiles(keep=keep, reuse=REUSE[reuse], refresh_every=refresh, warmup_steps=2)
-            handle = dit_accel.apply(pipe, attention=method)
-            try:
-                videos = _generate(pipe, suite, device, args.batch, **size)
-            finally:
-                handle.remove()
-            rows.append({"config": name, "reuse": reuse, "density": round(method.density(), 4),
-                         **fidelity(videos, dense, prompts, dense_scores)})
-            print_table(rows[-1:], list(rows[-1]))
-    print_table(rows, list(rows[0]))
-    payload = {"command": "python -m dit_accel.benchmarks.sparse_cached " + " ".join(argv or []),
-               "prompts": len(suite), "size": DEFAULT_SIZE, "steps": args.steps,
-               "dense": {k: dense_scores[k] for k in ("color", "shape", "motion")}, "rows": rows}
-    print(f"wrote {write_result(args.name, payload, args.out)}")
+
+    def held(keep, refresh, reuse):
+        return lambda: HeldTiles(keep=keep, reuse=REUSE[reuse], refresh_every=refresh, warmup_steps=2)
+
+    variants = [({"config": name, "reuse": reuse}, held(*CONFIGS[name], reuse), contextlib.nullcontext)
+                for name in names for reuse in reuses]
+    run_probe(args, variants, "python -m dit_accel.benchmarks.sparse_cached " + " ".join(argv or []))
 
 
 if __name__ == "__main__":

@@ -113,19 +113,33 @@ def with_pooled_estimate():
         sparse_methods.block_sparse_attention = kernel
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def probe_parser(doc: str, configs: dict, name: str) -> argparse.ArgumentParser:
+    """The arguments the sparse probes share (``configs``: their named configurations)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--configs", default=";".join(CONFIGS), help=f"';'-separated, from: {'; '.join(CONFIGS)}")
+    ap.add_argument("--configs", default=";".join(configs), help=f"';'-separated, from: {'; '.join(configs)}")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    ap.add_argument("--name", default=name, help="result file name prefix (NAME-<device>-<date>.json)")
+    return ap
+
+
+def probe_configs(ap: argparse.ArgumentParser, args, configs: dict) -> list[str]:
+    """The names given to ``--configs``, each one of ``configs`` (else an argument error naming it)."""
     names = [c.strip() for c in args.configs.split(";") if c.strip()]
-    unknown = [c for c in names if c not in CONFIGS]
+    unknown = [c for c in names if c not in configs]
     if unknown:
-        ap.error(f"--configs: unknown {unknown}; choose from {'; '.join(CONFIGS)}")
+        ap.error(f"--configs: unknown {unknown}; choose from {'; '.join(configs)}")
+    return names
+
+
+def run_probe(args, variants, command: str) -> None:
+    """Generate the held-out suite dense, then with each variant, and write one row per variant.
+
+    ``variants``: ``(label, make_method, context)`` triples: the row's leading fields, a factory of
+    the attention method, and a factory of the context the generation runs in."""
     device = torch.device(args.device)
     pipe = load_reference(device=device, dtype=None)
     pipe.set_progress_bar_config(disable=True)
@@ -135,23 +149,30 @@ def main(argv=None) -> None:
     dense = _generate(pipe, suite, device, args.batch, **size)
     dense_scores = checker.score(dense, prompts)
     rows = []
-    for name in names:
-        for pooled in (False, True):
-            method = CONFIGS[name]()
-            handle = dit_accel.apply(pipe, attention=method)
-            try:
-                with with_pooled_estimate() if pooled else contextlib.nullcontext():
-                    videos = _generate(pipe, suite, device, args.batch, **size)
-            finally:
-                handle.remove()
-            rows.append({"config": name, "pooled_estimate": pooled, "density": round(method.density(), 4),
-                         **fidelity(videos, dense, prompts, dense_scores)})
-            print_table(rows[-1:], list(rows[-1]))
+    for label, make_method, context in variants:
+        method = make_method()
+        handle = dit_accel.apply(pipe, attention=method)
+        try:
+            with context():
+                videos = _generate(pipe, suite, device, args.batch, **size)
+        finally:
+            handle.remove()
+        rows.append({**label, "density": round(method.density(), 4), **fidelity(videos, dense, prompts, dense_scores)})
+        print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))
-    payload = {"command": "python -m dit_accel.benchmarks.sparse_pooled " + " ".join(argv or []),
-               "prompts": len(suite), "size": DEFAULT_SIZE, "steps": args.steps,
+    payload = {"command": command, "prompts": len(suite), "size": DEFAULT_SIZE, "steps": args.steps,
                "dense": {k: dense_scores[k] for k in ("color", "shape", "motion")}, "rows": rows}
-    print(f"wrote {write_result('sparse-pooled', payload, args.out)}")
+    print(f"wrote {write_result(args.name, payload, args.out)}")
+
+
+def main(argv=None) -> None:
+    ap = probe_parser(__doc__, CONFIGS, "sparse-pooled")
+    args = ap.parse_args(argv)
+    names = probe_configs(ap, args, CONFIGS)
+    variants = [({"config": name, "pooled_estimate": pooled}, CONFIGS[name],
+                 with_pooled_estimate if pooled else contextlib.nullcontext)
+                for name in names for pooled in (False, True)]
+    run_probe(args, variants, "python -m dit_accel.benchmarks.sparse_pooled " + " ".join(argv or []))
 
 
 if __name__ == "__main__":
