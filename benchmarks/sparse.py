@@ -47,7 +47,7 @@ SHAPES = {
     "cogvideox-5b-480p-49f": ((13, 30, 45), 226, 48, 64),
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
-PARTS = ("kernel", "overhead", "extras", "step", "tail", "patterns")
+PARTS = ("kernel", "overhead", "extras", "step", "tail", "patterns", "fixed")
 # launch configurations tried for the Triton kernel (knobs of block_sparse_attention_triton;
 # max_registers 0 = no cap); 4 warps lost everywhere at head_dim 128 in the first sweeps (results of
 # 2dee894), so only 8 warps are swept; TMA loads and warp specialization never won beyond noise
@@ -297,6 +297,68 @@ def bench_patterns(name: str, grid, text: int, heads: int, dim: int, densities, 
     return rows
 
 
+def _queued_ms(fn, iters: int) -> float:
+    """ms per call of ``fn`` run ``iters`` times back to back between two events (host time hidden)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def bench_fixed(name: str, grid, text: int, heads: int, dim: int, iters: int) -> dict:
+    """What a call costs besides its key tiles: the default launch with every query tile visiting n key
+    tiles (n = 0 measures launch, q load and output store alone), timed per call with a synchronization
+    around it (as the kernel part) and queued back to back (host time hidden); a least-squares line
+    ms = fixed + n * per_tile over n >= 1. Then layouts of the same total whose per-query-tile counts
+    vary (uniform in [n/2, 3n/2]): if two CTAs sharing an SM with equal work run in lockstep, their
+    prologues and epilogues coincide and varied counts run faster at the same total."""
+    seq = math.prod(grid) + text
+    q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    n_tiles = math.ceil(seq / TILE)
+    g = torch.Generator().manual_seed(0)
+    order = torch.rand(1, heads, n_tiles, n_tiles, generator=g).argsort(-1).to(torch.int32).cuda()
+    dense = _dense_ms(q, k, v, iters)
+    rows = []
+    for n in (0, 1, 2, 4, 8, 16, 26, 32, 64, 96, 128, 192, n_tiles):
+        counts = torch.full((1, heads, n_tiles), n, dtype=torch.int32, device="cuda")
+        blocks = order[..., : max(n, 1)].sort(-1).values.contiguous()
+
+        def call(blocks=blocks, counts=counts):
+            return block_sparse_attention_triton(q, k, v, blocks, counts)
+        ms = median(cuda_time_ms(call, iters=iters))
+        rows.append(dict(shape=name, tiles=n, counts="equal", ms=round(ms, 4), ms_queued=round(_queued_ms(call, iters), 4)))
+        print(f"  {rows[-1]}", flush=True)
+        if n in (26, 64, 128):
+            half = n // 2
+            per = torch.randint(n - half, n + half + 1, (1, heads, n_tiles), generator=g)
+            per[..., : n_tiles // 2] = 2 * n - per[..., n_tiles - n_tiles // 2:].flip(-1)  # pairs sum to 2n
+            var_counts = per.to(torch.int32).cuda()
+            var_blocks = order[..., : n + half].sort(-1).values.contiguous()
+
+            def varied(blocks=var_blocks, counts=var_counts):
+                return block_sparse_attention_triton(q, k, v, blocks, counts)
+            ms = median(cuda_time_ms(varied, iters=iters))
+            rows.append(dict(shape=name, tiles=n, counts=f"varied {n - half}-{n + half}, mean "
+                             f"{var_counts.float().mean().item():.2f}", ms=round(ms, 4),
+                             ms_queued=round(_queued_ms(varied, iters), 4)))
+            print(f"  {rows[-1]}", flush=True)
+    fit = {}
+    for key in ("ms", "ms_queued"):
+        pts = [(r["tiles"], r[key]) for r in rows if r["counts"] == "equal" and r["tiles"] >= 1]
+        x = torch.tensor([p[0] for p in pts], dtype=torch.float64)
+        y = torch.tensor([p[1] for p in pts], dtype=torch.float64)
+        slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+        fit[key] = dict(fixed_ms=round(float(y.mean()) - slope * float(x.mean()), 4), per_tile_ms=round(slope, 5))
+    return dict(rows=rows, fit=fit, dense_ms=round(dense, 3), dense_ms_after=round(_dense_ms(q, k, v, iters), 3),
+                ctas=n_tiles * heads, sms=torch.cuda.get_device_properties(0).multi_processor_count)
+
+
 def _method_inputs(grid, text: int, heads: int, dim: int, density: float, iters: int):
     """TemporalSparse at a fixed density, its tile order on this grid, random model-order q, k, v and
     the cuDNN dense time for them."""
@@ -523,7 +585,8 @@ def main(argv=None) -> None:
                          "TemporalSparse bookkeeping, Wan 480p), extras (the cost of TemporalSparse's gap and LSE "
                          "outputs per launch configuration, Wan 480p), step (full Wan2.1-1.3B transformer step), "
                          "tail (what the last, partial wave of CTAs costs, Wan 480p), patterns (random, banded "
-                         "and shared layouts of equal density, Wan 480p)")
+                         "and shared layouts of equal density, Wan 480p), fixed (what a call costs besides its key "
+                         "tiles: 0 to all key tiles per query tile, equal and varied counts, Wan 480p)")
     ap.add_argument("--configs", default="sweep:wan2.1-1.3b-480p-81f",
                     help="kernel launch configurations: 'sweep' (all shapes), 'sweep:SHAPE' (that shape; the "
                          "others use the defaults) or 'default'; 'tma' instead of 'sweep' sweeps the TMA and "
@@ -589,6 +652,11 @@ def main(argv=None) -> None:
         grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
         payload["patterns"] = bench_patterns("wan2.1-1.3b-480p-81f", grid, text, heads, dim, (0.25, 0.1), args.iters)
         print_table(payload["patterns"], list(payload["patterns"][0]))
+    if "fixed" in parts:
+        grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
+        payload["fixed"] = bench_fixed("wan2.1-1.3b-480p-81f", grid, text, heads, dim, args.iters)
+        print_table(payload["fixed"]["rows"], ["tiles", "counts", "ms", "ms_queued"])
+        print("fit:", payload["fixed"]["fit"], "dense ms:", payload["fixed"]["dense_ms"])
     if "step" in parts:
         step = bench_step(args.iters)
         print_table(step, ["method", "ms", "speedup", "density"])
