@@ -82,6 +82,9 @@ EXTRAS_CONFIGS = [dict(sub_n=128, num_warps=8, num_stages=2, max_registers=0),
 EXTRAS = [{}, dict(lse=True), dict(gap=True), dict(gap=True, drop=True)]
 # the default launch with and without TMA loads (with --repeats: the comparison the single runs left to noise)
 TMA_CAP_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, tma=t) for t in (False, True)]
+# warp specialization (a producer warp group issuing the loads) with the register cap, with and without TMA
+WS_CAP_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128)] + [
+    dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, tma=t, warp_specialize=True) for t in (False, True)]
 TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws, max_registers=0)
                for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
 
@@ -592,7 +595,8 @@ def main(argv=None) -> None:
                          "others use the defaults) or 'default'; 'tma' instead of 'sweep' sweeps the TMA and "
                          "warp-specialization knobs, 'split' adds 64-query CTAs of 4 warps, 'occupancy' tries "
                          "two CTAs per SM (registers capped, small key steps), 'head64' the head_dim-64 knobs, "
-                         "'tma-cap' the default with and without TMA loads")
+                         "'tma-cap' the default with and without TMA loads, 'ws-cap' the default against "
+                         "warp specialization under the register cap")
     ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     ap.add_argument("--name", default="sparse", help="result file name prefix (NAME-<device>-<date>.json)")
     args = ap.parse_args(argv)
@@ -614,7 +618,8 @@ def main(argv=None) -> None:
     kind, _, only = args.configs.partition(":")
     swept = set() if kind == "default" else ({only} if only else set(SHAPES))
     sweeps = {"sweep": CONFIGS, "tma": TMA_CONFIGS, "split": CONFIGS + SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
-              "head64": HEAD64_CONFIGS, "tma-cap": TMA_CAP_CONFIGS}
+              "head64": HEAD64_CONFIGS, "tma-cap": TMA_CAP_CONFIGS,
+              "ws-cap": WS_CAP_CONFIGS}
     if (kind not in sweeps and kind != "default") or not swept <= set(SHAPES):
         ap.error(f"--configs: expected one of {', '.join(sweeps)} (optionally ':SHAPE'), or 'default'; got "
                  f"{args.configs!r}")
