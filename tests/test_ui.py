@@ -490,3 +490,30 @@ def test_headhunt_from_the_app_saves_a_loadable_preset_with_its_effect_map(studi
     assert len(values) == 32 and all(v is not None for v in values)  # every head of the reference model scored
     with pytest.raises(UIError, match="objective 'clip:/nowhere'"):
         studio.headhunt(objective="clip:/nowhere")
+
+
+def test_a_progress_bar_made_before_gradio_tracks_tqdm_closes_without_an_error():
+    """Gradio's track_tqdm patch reads an attribute only bars made after it have; a bar made before it
+    (a pipeline's loading bar) must still close and be collected without an ignored AttributeError. Run in a
+    fresh interpreter, so tqdm is unpatched when the bar is made."""
+    import subprocess
+    import sys
+
+    code = """
+import gc, sys
+ignored = []
+sys.unraisablehook = lambda u: ignored.append(repr(u.exc_value))
+from tqdm.auto import tqdm
+before = tqdm(range(3), disable=True)
+import dit_accel.ui.app
+from gradio.helpers import patch_tqdm
+patch_tqdm()
+del before
+gc.collect()
+after = tqdm(range(3), disable=True)
+after.close()
+print("IGNORED", ignored)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "IGNORED []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -26,6 +26,20 @@ from .core import (  # noqa: E402
     method_defaults,
 )
 
+
+def _tolerate_bars_made_before_gradio() -> None:
+    """Gradio's ``track_tqdm`` patches tqdm's methods to read ``self._progress``, which only bars created after
+    the patch have: a bar made before it (a pipeline's loading bar, say) raised AttributeError when it was closed
+    or garbage-collected ("Exception ignored in tqdm.__del__"). A class-level default of None lets those bars
+    close as plain tqdm bars; bars made after the patch set their own value."""
+    import tqdm
+
+    if not hasattr(tqdm.tqdm, "_progress"):
+        tqdm.tqdm._progress = None
+
+
+_tolerate_bars_made_before_gradio()
+
 THEME_FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
