@@ -147,7 +147,8 @@ def main(argv=None) -> None:
     print_table(rows, ["shape", "backend", "ms", "baseline_ms", "ratio", "tflops", "max_abs_err", "note"])
     payload = {"dtype": "bfloat16", "batch": 1, "shapes": {k: dict(seq=s, heads=h, head_dim=d)
                                                           for k, (s, h, d) in SHAPES.items()},
-               "ratio_meaning": "default-SDPA (cuDNN) time, timed before and after the backend / backend time (>1 = faster)",
+               "ratio_meaning": "default-SDPA (cuDNN) time, timed before and after the backend / backend time "
+                                "(>1 = faster)",
                "kernels": rows}
     if not args.skip_model:
         model = bench_model(args.rounds, args.iters)

@@ -90,7 +90,8 @@ def main(argv=None) -> None:
              ms=round(guided, 2), extra_vs_one_forward=round((guided - base) / base, 3)),
     ]
     print_table(rows, ["call", "ms", "extra_vs_one_forward"])
-    payload = {"command": "python -m dit_accel.benchmarks.guidance " + " ".join(argv if argv is not None else sys.argv[1:]),
+    args_given = argv if argv is not None else sys.argv[1:]
+    payload = {"command": "python -m dit_accel.benchmarks.guidance " + " ".join(args_given),
                "model": "FluxTransformer2DModel, FLUX.1-dev config, random weights, bf16",
                "size": args.size, "image_tokens": (args.size // 16) ** 2, "text_tokens": 512, "heads": HEADS,
                "target": "(guided - stock) / stock <= 1.05", "rows": rows,

@@ -47,7 +47,8 @@ def _score(pipe, heads, items, args, cache: Path, name: str) -> dict:
     videos = _generate(pipe, prompts, seeds, _pipeline_kwargs(args), args.batch_size, guidance=pag)
     seconds = time.perf_counter() - t0
     summary = shapes.summarize([shapes.score_video(v, p) for v, p in zip(videos, prompts)])
-    row = {"name": name, "heads": {str(k): list(v) for k, v in heads.items()}, "scores": checker_scores(videos, prompts),
+    row = {"name": name, "heads": {str(k): list(v) for k, v in heads.items()},
+           "scores": checker_scores(videos, prompts),
            "color": summary["color"], "shape": summary["shape"], "motion": summary["motion"],
            "generate_s": round(seconds, 2)}
     _write_rows(cache, [*done.values(), row])

@@ -202,8 +202,8 @@ def main(argv=None) -> None:
         payload["speed"] = speed(pipe, device, args.repeats)
         print(f"one video {payload['speed']['size']}: median {payload['speed']['median_s']:.3f} s")
     if "attention" in parts:
-        payload["attention"] = attention(pipe, device, args.attention_prompts,
-                                         tuple(sorted({args.steps // 4, args.steps // 2, 3 * args.steps // 4})), args.steps)
+        probe_steps = tuple(sorted({args.steps // 4, args.steps // 2, 3 * args.steps // 4}))
+        payload["attention"] = attention(pipe, device, args.attention_prompts, probe_steps, args.steps)
         a = payload["attention"]
         print_table(a["layers"], ["layer", "entropy", "window_mass", "window_uniform", "top_tile_mass", "concentrated"])
         print(f"{a['concentrated_layers']}/{a['num_layers']} layers put >= 50% of mass in <= 25% of tiles")

@@ -335,7 +335,8 @@ def bench_fixed(name: str, grid, text: int, heads: int, dim: int, iters: int) ->
         def call(blocks=blocks, counts=counts):
             return block_sparse_attention_triton(q, k, v, blocks, counts)
         ms = median(cuda_time_ms(call, iters=iters))
-        rows.append(dict(shape=name, tiles=n, counts="equal", ms=round(ms, 4), ms_queued=round(_queued_ms(call, iters), 4)))
+        rows.append(dict(shape=name, tiles=n, counts="equal", ms=round(ms, 4),
+                         ms_queued=round(_queued_ms(call, iters), 4)))
         print(f"  {rows[-1]}", flush=True)
         if n in (26, 64, 128):
             half = n // 2
@@ -633,7 +634,8 @@ def main(argv=None) -> None:
                 and (r["method"] == "ours (best config)" or r["method"].startswith(("flex", "cudnn")))]
         print_table(best, ["shape", "density", "ideal", "method", "ms", "baseline_ms", "ratio", "ratio_interleaved",
                            "max_abs_err", "config", "note"])
-    payload = {"command": "python -m dit_accel.benchmarks.sparse " + " ".join(argv if argv is not None else sys.argv[1:]),
+    args_given = argv if argv is not None else sys.argv[1:]
+    payload = {"command": "python -m dit_accel.benchmarks.sparse " + " ".join(args_given),
                "dtype": "bfloat16", "batch": 1, "tile": TILE,
                "shapes": {k: dict(grid=g, text=t, heads=h, head_dim=d) for k, (g, t, h, d) in SHAPES.items()
                           if k in shapes},

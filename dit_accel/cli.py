@@ -158,7 +158,8 @@ def add_headhunt_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
     ap.add_argument("--out", required=True, help="the preset JSON to write")
-    ap.add_argument("--cache-dir", default=None, help="per-set scores, for resuming (default: OUT without .json + .search)")
+    ap.add_argument("--cache-dir", default=None,
+                    help="per-set scores, for resuming (default: OUT without .json + .search)")
     ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when available)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -222,7 +223,8 @@ def add_eval_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pipeline", default="reference", help="'reference' or a local diffusers pipeline directory")
     ap.add_argument("--suite", default="shapes-heldout",
                     help="shapes-heldout[:N], a .txt file (one prompt per line) or a VBench .json prompt list")
-    ap.add_argument("--configs", required=True, help="YAML or JSON file: the configurations (see dit_accel.evals.config)")
+    ap.add_argument("--configs", required=True,
+                    help="YAML or JSON file: the configurations (see dit_accel.evals.config)")
     ap.add_argument("--out", required=True, help="run folder (created; rerun the same command to resume)")
     ap.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when available)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -35,7 +35,8 @@ def _heads_map(heads) -> dict[int, tuple[int, ...]]:
         except (TypeError, ValueError):
             raise ValueError(f"SoftPAG(heads): layer {layer!r} is not an int") from None
         if layer_i < 0 or isinstance(hs, int | str) or not hs:
-            raise ValueError(f"SoftPAG(heads[{layer!r}]={hs!r}): expected layer >= 0 and a non-empty list of head indices")
+            raise ValueError(f"SoftPAG(heads[{layer!r}]={hs!r}): expected layer >= 0 and a non-empty list of "
+                             "head indices")
         if any(not isinstance(h, int) or isinstance(h, bool) or h < 0 for h in hs):
             raise ValueError(f"SoftPAG(heads[{layer!r}]={hs!r}): head indices must be ints >= 0")
         out[layer_i] = tuple(sorted(set(hs)))

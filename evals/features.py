@@ -33,7 +33,8 @@ def classical_features(frames: np.ndarray) -> np.ndarray:
     thumb = thumb - thumb.mean(1, keepdim=True)
     q = (x.clamp(0, 1) * 3.999).long()  # 4 levels per channel
     bins = (q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2]).flatten(1)
-    hist = torch.zeros(x.shape[0], 64, dtype=torch.float64).scatter_add_(1, bins, torch.ones_like(bins, dtype=torch.float64))
+    hist = torch.zeros(x.shape[0], 64, dtype=torch.float64)
+    hist = hist.scatter_add_(1, bins, torch.ones_like(bins, dtype=torch.float64))
     hist = hist.sqrt()
     parts = [t / t.norm(dim=1, keepdim=True).clamp_min(1e-12) for t in (thumb, hist)]
     return (torch.cat(parts, dim=1) / np.sqrt(2)).numpy()

@@ -24,14 +24,16 @@ def load_lpips(net: str = "alex"):
     try:
         import lpips
     except ImportError:
-        return None, "not computed: the lpips package is not installed (pip install lpips, with its backbone weights local)"
+        return None, ("not computed: the lpips package is not installed (pip install lpips, with its backbone "
+                      "weights local)")
     ckpt = Path(torch.hub.get_dir()) / "checkpoints" / BACKBONES[net]
     if not ckpt.is_file():
         return None, f"not computed: the {net} backbone weights are not at {ckpt} (nothing is downloaded here)"
     model = lpips.LPIPS(net=net, verbose=False).eval()
 
     def score(video: np.ndarray, reference: np.ndarray) -> float:
-        a, b = (torch.from_numpy(np.ascontiguousarray(x)).float().permute(0, 3, 1, 2) * 2 - 1 for x in (video, reference))
+        a, b = (torch.from_numpy(np.ascontiguousarray(x)).float().permute(0, 3, 1, 2) * 2 - 1
+                for x in (video, reference))
         with torch.no_grad():
             return float(model(a, b).mean())
 

@@ -165,7 +165,8 @@ def check_objective(spec) -> None:
         raise ValueError(f"objective {spec!r}: {path} is not a local {what}; nothing is downloaded here")
     if kind == "imagereward" and not target.with_name(IMAGEREWARD_CONFIG).is_file():
         raise ValueError(f"objective {spec!r}: ImageReward's {IMAGEREWARD_CONFIG} (its BLIP text config) must lie "
-                         f"next to the checkpoint, at {target.with_name(IMAGEREWARD_CONFIG)}; nothing is downloaded here")
+                         f"next to the checkpoint, at {target.with_name(IMAGEREWARD_CONFIG)}; nothing is "
+                         "downloaded here")
 
 
 def load_objective(spec) -> Objective:

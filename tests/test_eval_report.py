@@ -26,8 +26,10 @@ def _run(tmp_path, configs=("baseline", "fast", "faster"), prompts=3, drop=None,
         for i in range(prompts):
             if drop and (c, i) in drop:
                 continue
-            row = {"config": c, "index": i, "seed": 100 + i, "prompt": f"p{i}", "video": f"videos/{c}/{i:04d}-seed{100 + i}.npy",
-                   "latency_s": float(2.0 / (ci + 1) + 0.01 * i), "step_s": 0.1 / (ci + 1), "density": [None, 0.4, 0.2][ci],
+            row = {"config": c, "index": i, "seed": 100 + i, "prompt": f"p{i}",
+                   "video": f"videos/{c}/{i:04d}-seed{100 + i}.npy",
+                   "latency_s": float(2.0 / (ci + 1) + 0.01 * i), "step_s": 0.1 / (ci + 1),
+                   "density": [None, 0.4, 0.2][ci],
                    "temporal_flickering": float(rng.uniform(0.9, 1)), "motion_smoothness": float(rng.uniform(0.9, 1)),
                    "dynamic_degree": bool(i % 2), "subject_consistency": 0.9, "background_consistency": 0.8,
                    "checker": {"color": 1.0, "shape": float(i % 2), "motion": 0.5}}
@@ -104,7 +106,8 @@ class VBench:
         for k, dim in enumerate(dimension_list):
             per = []
             for path in sorted(prompt_list):
-                frames = [np.asarray(f.convert("RGB"), dtype=np.float64) for f in ImageSequence.Iterator(Image.open(path))]
+                frames = [np.asarray(f.convert("RGB"), dtype=np.float64)
+                          for f in ImageSequence.Iterator(Image.open(path))]
                 per.append({"video_path": path, "video_results": float(np.mean(frames)) / 255 + k})
             out[dim] = [float(np.mean([p["video_results"] for p in per])), per]
         Path(self.output_path, name + "_eval_results.json").write_text(json.dumps(out))

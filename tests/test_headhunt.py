@@ -86,7 +86,8 @@ def test_greedy_search_equals_a_hand_written_one(pipe, search, top_k):
     # the effect map holds round one's single-head scores minus the unguided score
     values = result.effect_map["values"]
     for layer, h in CANDIDATES:
-        assert values[layer][h] == pytest.approx(result.rounds[0]["scores"][f"{layer}.{h}"] - result.baseline, abs=1e-12)
+        expected = result.rounds[0]["scores"][f"{layer}.{h}"] - result.baseline
+        assert values[layer][h] == pytest.approx(expected, abs=1e-12)
     assert values[1][0] is None and len(values) == 8 and result.effect_map["heads"] == 4
 
 

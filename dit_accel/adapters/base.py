@@ -18,7 +18,8 @@ import torch
 
 from ..layout import ModuleInfo
 
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "tuple[int, int] | None"], torch.Tensor]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "tuple[int, int] | None"],
+                  torch.Tensor]
 """`attend(query, key, value, attn_mask, text_span) -> out`, all `[batch, heads, seq, head_dim]`."""
 
 
@@ -84,7 +85,8 @@ def project_heads(attn: torch.nn.Module, hidden_states: torch.Tensor, kv_states:
     `Attention`-module processors (`AttnProcessor2_0`, `JointAttnProcessor2_0`,
     `CogVideoXAttnProcessor2_0`) share. `added=True` uses the context stream's projections and
     norms (`add_q_proj`..., `norm_added_q/k`) of joint attention. Returns `(query, key, value, head_dim)`."""
-    to_q, to_k, to_v = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if added else (attn.to_q, attn.to_k, attn.to_v)
+    to_q, to_k, to_v = ((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if added
+                        else (attn.to_q, attn.to_k, attn.to_v))
     norm_q, norm_k = (attn.norm_added_q, attn.norm_added_k) if added else (attn.norm_q, attn.norm_k)
     batch_size = hidden_states.shape[0]
     query = to_q(hidden_states)

@@ -3,7 +3,8 @@
 Components, all standard classes so ``ShapesPipeline.from_pretrained(local_dir)`` runs diffusers'
 own loading path: a word-level ``PreTrainedTokenizerFast``, a tiny ``T5EncoderModel`` text
 encoder, a ``WanTransformer3DModel`` denoiser working directly on pixels (patch 1x4x4, so the
-default 17x64x64 video is 4352 tokens; its input carries a clip-time channel next to RGB) and a ``FlowMatchEulerDiscreteScheduler``.
+default 17x64x64 video is 4352 tokens; its input carries a clip-time channel next to RGB) and a
+``FlowMatchEulerDiscreteScheduler``.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ class ShapesPipeline(DiffusionPipeline):
 
     def __init__(self, tokenizer, text_encoder, transformer: WanTransformer3DModel, scheduler):
         super().__init__()
-        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler)
+        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
+                              scheduler=scheduler)
 
     # ---------------------------------------------------------------- save / load
 
@@ -287,7 +289,8 @@ class ShapesPipeline(DiffusionPipeline):
         bad = [k for k in callback_inputs or [] if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(
-                f"callback_on_step_end_tensor_inputs: {bad} are not available; choose from {self._callback_tensor_inputs}"
+                f"callback_on_step_end_tensor_inputs: {bad} are not available; choose from "
+                f"{self._callback_tensor_inputs}"
             )
 
     # ---------------------------------------------------------------- generation
@@ -386,7 +389,8 @@ class ShapesPipeline(DiffusionPipeline):
                     noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    local = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+                    local = {"latents": latents, "prompt_embeds": prompt_embeds,
+                             "negative_prompt_embeds": negative_prompt_embeds}
                     callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = callback_outputs.pop("latents", latents)

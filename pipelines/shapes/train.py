@@ -11,8 +11,9 @@ many seconds with a checkpoint, and running the same command again resumes where
 Training: rectified flow (x_t = (1 - s) x_0 + s eps, predict eps - x_0) in pixel space,
 logit-normal noise levels shifted toward noise like the inference scheduler, 10% empty prompts
 for classifier-free guidance, AdamW with warm-up and a cosine decay over the time budget, EMA
-weights for export. About 65% of the scenes have two objects. Each step draws one of three sizes (17x64x64 video, 9x48x48 video, 64x64
-image) so the model generates at all of them; batch sizes keep the token count per step similar.
+weights for export. About 65% of the scenes have two objects. Each step draws one of three sizes
+(17x64x64 video, 9x48x48 video, 64x64 image) so the model generates at all of them; batch sizes keep
+the token count per step similar.
 On CUDA the transformer blocks are compiled with ``torch.compile`` (regional compilation, one graph
 per size; compile time counts as training time; 1.7x the eager throughput on the H100, median 523 vs 310
 samples/s); ``--no-compile`` turns that off, ``--compile`` turns it on for CPU.
@@ -239,8 +240,10 @@ def train(args) -> None:
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     from dit_accel.benchmarks.report import environment
 
-    summary = {"environment": environment(), "steps": step, "samples": counter, "train_minutes": round(train_s / 60, 2), "args": vars(args),
-               "modes": MODES, "force_two_objects": FORCE_TWO_OBJECTS, "loss_curve": [[r["step"], r["train_min"], r["loss"]] for r in rows]}
+    summary = {"environment": environment(), "steps": step, "samples": counter,
+               "train_minutes": round(train_s / 60, 2), "args": vars(args), "modes": MODES,
+               "force_two_objects": FORCE_TWO_OBJECTS,
+               "loss_curve": [[r["step"], r["train_min"], r["loss"]] for r in rows]}
     atomic_write(out / "training.json", json.dumps(summary, indent=1) + "\n")
     print(f"done: {step} steps, {counter} samples, {train_s / 60:.1f} min; pipeline in {out / 'pipeline'}", flush=True)
 
