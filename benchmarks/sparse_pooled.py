@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-import numpy as np
 import torch
 from dit_accel.benchmarks.reference import _generate
 from dit_accel.benchmarks.report import print_table, write_result
+from dit_accel.benchmarks.sparse_quality import fidelity
 from dit_accel.evals import shapes as checker
-from dit_accel.evals.metrics import psnr, ssim
 from dit_accel.kernels.block_sparse import TILE, _tile_len_mask, blocks_to_mask
 from dit_accel.pipelines import load_reference
 from dit_accel.pipelines.shapes.pipeline import DEFAULT_SIZE, DEFAULT_STEPS
@@ -79,17 +78,6 @@ def pooled_estimate(q, k, v, blocks, counts, out, lse, tile_len, seq_index):
     new = out.clone()
     new[:, :, idx[valid]] = merged[:, :, valid].to(out.dtype)
     return new
-
-
-def fidelity(videos, dense, prompts, dense_scores) -> dict:
-    """PSNR / SSIM of each video against the dense video of its seed (mean, worst) and the checker's
-    change from dense in points."""
-    p = [min(psnr(a, b), 100.0) for a, b in zip(videos, dense)]
-    s = [ssim(a, b) for a, b in zip(videos, dense)]
-    scores = checker.score(videos, prompts)
-    return {"psnr": round(float(np.mean(p)), 2), "psnr_min": round(float(np.min(p)), 2),
-            "ssim": round(float(np.mean(s)), 4), "ssim_min": round(float(np.min(s)), 4),
-            **{f"{k}_change_pts": round(100 * (scores[k] - dense_scores[k]), 1) for k in ("color", "shape", "motion")}}
 
 
 @contextlib.contextmanager
