@@ -85,9 +85,6 @@ TMA_CAP_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, 
 # warp specialization (a producer warp group issuing the loads) with the register cap, with and without TMA
 WS_CAP_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128)] + [
     dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, tma=t, warp_specialize=True) for t in (False, True)]
-# the next key sub-tile loaded into registers at the top of each step (an experiment: prefetch_k)
-PREFETCH_K_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128)] + [
-    dict(sub_n=64, num_warps=8, num_stages=st, max_registers=128, prefetch_k=True) for st in (2, 3)]
 TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws, max_registers=0)
                for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
 
@@ -623,7 +620,7 @@ def main(argv=None) -> None:
     swept = set() if kind == "default" else ({only} if only else set(SHAPES))
     sweeps = {"sweep": CONFIGS, "tma": TMA_CONFIGS, "split": CONFIGS + SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
               "head64": HEAD64_CONFIGS, "tma-cap": TMA_CAP_CONFIGS,
-              "ws-cap": WS_CAP_CONFIGS, "prefetch-k": PREFETCH_K_CONFIGS}
+              "ws-cap": WS_CAP_CONFIGS}
     if (kind not in sweeps and kind != "default") or not swept <= set(SHAPES):
         ap.error(f"--configs: expected one of {', '.join(sweeps)} (optionally ':SHAPE'), or 'default'; got "
                  f"{args.configs!r}")

@@ -246,7 +246,7 @@ if triton is not None:
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr, PREFETCH_K: tl.constexpr,
+        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -286,21 +286,9 @@ if triton is not None:
         if RETURN_GAP:
             gap_row = Gap + (pid_bh * N_Q + pid_m) * sgm
             tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        n_steps = count * R
-        if PREFETCH_K:  # the next key sub-tile is loaded into registers at the top of each step
-            offs0 = tl.load(block_row) * BLOCK_N + tl.arange(0, SUB_N)  # the list has at least one entry
-            lim0 = tl.where(n_steps > 0, S_K, 0)
-            kt_cur = tl.load(K + b * skb + h * skh + offs0[None, :] * sks + offs_d[:, None],
-                             mask=(offs0 < lim0)[None, :] & d_ok[:, None], other=0.0)
-        for i in tl.range(0, n_steps, warp_specialize=WARP_SPEC):
+        for i in tl.range(0, count * R, warp_specialize=WARP_SPEC):
             # layout tiles of BLOCK_N keys are visited as R sub-tiles of SUB_N
             kb = tl.load(block_row + i // R)
-            if PREFETCH_K:
-                kb_n = tl.load(block_row + tl.minimum(i + 1, n_steps - 1) // R)
-                offs_nx = kb_n * BLOCK_N + ((i + 1) % R) * SUB_N + tl.arange(0, SUB_N)
-                lim = tl.where(i + 1 < n_steps, S_K, 0)
-                kt_next = tl.load(K + b * skb + h * skh + offs_nx[None, :] * sks + offs_d[:, None],
-                                  mask=(offs_nx < lim)[None, :] & d_ok[:, None], other=0.0)
             start_n = kb * BLOCK_N + (i % R) * SUB_N
             k_end = S_K
             if HAS_LEN:
@@ -316,9 +304,7 @@ if triton is not None:
             k_pos = offs_n
             if HAS_INDEX:
                 k_pos = tl.load(Index + offs_n, mask=offs_n < S_K, other=0)
-            if PREFETCH_K:  # keys past the sequence are zeros; col_ok masks them (and padded slots)
-                kt = kt_cur
-            elif USE_TMA:  # rows past the sequence hold other finite data or zeros; col_ok masks them
+            if USE_TMA:  # rows past the sequence hold other finite data or zeros; col_ok masks them
                 kt = tl.trans(DescK.load([k_row0 + start_n, k_col]))
             else:
                 kt = tl.load(K + b * skb + h * skh + k_pos[None, :] * sks + offs_d[:, None], mask=k_mask, other=0.0)
@@ -342,8 +328,6 @@ if triton is not None:
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(vv.dtype), vv, acc)
             m_i = m_new
-            if PREFETCH_K:
-                kt_cur = kt_next
             if RETURN_GAP:
                 tile_rm = tl.maximum(tile_rm, qk_max)
                 if i % R == R - 1:  # layout tile finished: its gap against the running max
@@ -393,8 +377,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   sub_n: int | None = None, num_warps: int | None = None,
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
                                   tma: bool | None = None, warp_specialize: bool | None = None,
-                                  max_registers: int | None = None, lse_drop: tuple | None = None,
-                                  prefetch_k: bool = False):
+                                  max_registers: int | None = None, lse_drop: tuple | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, chosen
@@ -425,8 +408,6 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
-    if prefetch_k and (seq_index is not None or knobs["tma"]):
-        raise ValueError("prefetch_k: an experiment for pointer loads in model order (no seq_index, no tma)")
     n_q = math.ceil(S_q / block_m)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, S_q, device=q.device, dtype=torch.float32) if return_lse else out
@@ -458,7 +439,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
         WARP_SPEC=bool(knobs["warp_specialize"]), GAP_PARTS=parts, PTX_STORE=q.is_cuda,
-        LSE_DROP=lse_drop is not None, PREFETCH_K=bool(prefetch_k),
+        LSE_DROP=lse_drop is not None,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
