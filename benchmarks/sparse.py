@@ -47,6 +47,7 @@ SHAPES = {
     "cogvideox-5b-480p-49f": ((13, 30, 45), 226, 48, 64),
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
+WAN480 = "wan2.1-1.3b-480p-81f"  # the shape of the single-shape parts (overhead, extras, tail, patterns, fixed)
 PARTS = ("kernel", "overhead", "extras", "step", "tail", "patterns", "fixed")
 # launch configurations tried for the Triton kernel (knobs of block_sparse_attention_triton;
 # max_registers 0 = no cap); 4 warps lost everywhere at head_dim 128 in the first sweeps (results of
@@ -94,6 +95,11 @@ def config_label(config: dict | None) -> str:
         return "defaults"
     short = {"num_warps": "w", "num_stages": "s", "warp_specialize": "ws", "max_registers": "maxreg"}
     return " ".join(f"{short.get(k, k)}={int(v) if isinstance(v, bool) else v}" for k, v in config.items())
+
+
+def _random_qkv(seq: int, heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random bf16 q, k, v ``[1, heads, seq, dim]`` on the GPU."""
+    return tuple(torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 
 
 def cudnn_sdpa(q, k, v):
@@ -167,7 +173,7 @@ def _interleaved(fn, q, k, v, iters: int) -> dict:
 def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, iters: int, configs,
                 repeats: int = 1) -> list[dict]:
     seq = math.prod(grid) + text
-    q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = _random_qkv(seq, heads, dim)
 
     def timed(fn) -> tuple[float, float]:
         return _timed_against_dense(fn, q, k, v, iters)
@@ -250,7 +256,7 @@ def bench_tail(name: str, grid, text: int, heads: int, dim: int, densities, iter
     same layout with the CTAs of that partial wave (the last ones launched) given no key tiles. With
     two CTAs per SM at the default launch, CTAs beyond a multiple of 2 x SMs form that wave."""
     seq = math.prod(grid) + text
-    q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = _random_qkv(seq, heads, dim)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     slots = 2 * sms
     rows = []
@@ -280,7 +286,7 @@ def bench_patterns(name: str, grid, text: int, heads: int, dim: int, densities, 
     ends) and one shared set (every query tile of a head visits the same key tiles, the most reuse
     the L2 cache can get); the gap between them is what the random order costs in memory traffic."""
     seq = math.prod(grid) + text
-    q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = _random_qkv(seq, heads, dim)
     n = math.ceil(seq / TILE)
     rows = []
     for density in densities:
@@ -322,36 +328,31 @@ def bench_fixed(name: str, grid, text: int, heads: int, dim: int, iters: int) ->
     vary (uniform in [n/2, 3n/2]): if two CTAs sharing an SM with equal work run in lockstep, their
     prologues and epilogues coincide and varied counts run faster at the same total."""
     seq = math.prod(grid) + text
-    q, k, v = (torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = _random_qkv(seq, heads, dim)
     n_tiles = math.ceil(seq / TILE)
     g = torch.Generator().manual_seed(0)
     order = torch.rand(1, heads, n_tiles, n_tiles, generator=g).argsort(-1).to(torch.int32).cuda()
     dense = _dense_ms(q, k, v, iters)
     rows = []
-    for n in (0, 1, 2, 4, 8, 16, 26, 32, 64, 96, 128, 192, n_tiles):
-        counts = torch.full((1, heads, n_tiles), n, dtype=torch.int32, device="cuda")
-        blocks = order[..., : max(n, 1)].sort(-1).values.contiguous()
 
-        def call(blocks=blocks, counts=counts):
+    def measure(n: int, label: str, blocks, counts) -> None:
+        def call():
             return block_sparse_attention_triton(q, k, v, blocks, counts)
         ms = median(cuda_time_ms(call, iters=iters))
-        rows.append(dict(shape=name, tiles=n, counts="equal", ms=round(ms, 4),
+        rows.append(dict(shape=name, tiles=n, counts=label, ms=round(ms, 4),
                          ms_queued=round(_queued_ms(call, iters), 4)))
         print(f"  {rows[-1]}", flush=True)
+
+    for n in (0, 1, 2, 4, 8, 16, 26, 32, 64, 96, 128, 192, n_tiles):
+        counts = torch.full((1, heads, n_tiles), n, dtype=torch.int32, device="cuda")
+        measure(n, "equal", order[..., : max(n, 1)].sort(-1).values.contiguous(), counts)
         if n in (26, 64, 128):
             half = n // 2
             per = torch.randint(n - half, n + half + 1, (1, heads, n_tiles), generator=g)
             per[..., : n_tiles // 2] = 2 * n - per[..., n_tiles - n_tiles // 2:].flip(-1)  # pairs sum to 2n
             var_counts = per.to(torch.int32).cuda()
-            var_blocks = order[..., : n + half].sort(-1).values.contiguous()
-
-            def varied(blocks=var_blocks, counts=var_counts):
-                return block_sparse_attention_triton(q, k, v, blocks, counts)
-            ms = median(cuda_time_ms(varied, iters=iters))
-            rows.append(dict(shape=name, tiles=n, counts=f"varied {n - half}-{n + half}, mean "
-                             f"{var_counts.float().mean().item():.2f}", ms=round(ms, 4),
-                             ms_queued=round(_queued_ms(varied, iters), 4)))
-            print(f"  {rows[-1]}", flush=True)
+            measure(n, f"varied {n - half}-{n + half}, mean {var_counts.float().mean().item():.2f}",
+                    order[..., : n + half].sort(-1).values.contiguous(), var_counts)
     fit = {}
     for key in ("ms", "ms_queued"):
         pts = [(r["tiles"], r[key]) for r in rows if r["counts"] == "equal" and r["tiles"] >= 1]
@@ -371,7 +372,7 @@ def _method_inputs(grid, text: int, heads: int, dim: int, density: float, iters:
     method = TemporalSparse(max_density=density, min_density=density, threshold=float("inf"))
     order = tile_order(grid, None, text, False, torch.device("cuda"), packed=method.packed)
     seq = math.prod(grid) + text
-    qkv = tuple(torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qkv = _random_qkv(seq, heads, dim)
     dense_ms = _dense_ms(*qkv, iters)
     return method, order, qkv, dense_ms
 
@@ -641,27 +642,23 @@ def main(argv=None) -> None:
                           if k in shapes},
                "ratio_meaning": "cuDNN SDPA dense time (timed before and after the candidate) / candidate time",
                "rows": rows}
+    wan = (WAN480, *SHAPES[WAN480])  # name, grid, text, heads, head_dim
     if "overhead" in parts:
-        grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
-        overhead = bench_overhead("wan2.1-1.3b-480p-81f", grid, text, heads, dim, 0.25, args.iters)
+        overhead = bench_overhead(*wan, 0.25, args.iters)
         print_table(overhead, ["shape", "part", "ms", "dense_ms", "of_dense"])
         payload["overhead"] = overhead
     if "extras" in parts:
-        grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
-        extras = bench_extras("wan2.1-1.3b-480p-81f", grid, text, heads, dim, (0.25, 0.1), args.iters)
+        extras = bench_extras(*wan, (0.25, 0.1), args.iters)
         print_table(extras, ["density", "launch", "extras", "ms", "baseline_ms", "ratio"])
         payload["extras"] = extras
     if "tail" in parts:
-        grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
-        payload["tail"] = bench_tail("wan2.1-1.3b-480p-81f", grid, text, heads, dim, (1.0, 0.25, 0.1), args.iters)
+        payload["tail"] = bench_tail(*wan, (1.0, 0.25, 0.1), args.iters)
         print_table(payload["tail"], list(payload["tail"][0]))
     if "patterns" in parts:
-        grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
-        payload["patterns"] = bench_patterns("wan2.1-1.3b-480p-81f", grid, text, heads, dim, (0.25, 0.1), args.iters)
+        payload["patterns"] = bench_patterns(*wan, (0.25, 0.1), args.iters)
         print_table(payload["patterns"], list(payload["patterns"][0]))
     if "fixed" in parts:
-        grid, text, heads, dim = SHAPES["wan2.1-1.3b-480p-81f"]
-        payload["fixed"] = bench_fixed("wan2.1-1.3b-480p-81f", grid, text, heads, dim, args.iters)
+        payload["fixed"] = bench_fixed(*wan, args.iters)
         print_table(payload["fixed"]["rows"], ["tiles", "counts", "ms", "ms_queued"])
         print("fit:", payload["fixed"]["fit"], "dense ms:", payload["fixed"]["dense_ms"])
     if "step" in parts:
