@@ -25,7 +25,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from dit_accel.benchmarks.sparse_pooled import probe_configs, probe_parser, run_probe
+from dit_accel.benchmarks.sparse_pooled import merge, probe_configs, probe_parser, run_probe
 from dit_accel.kernels.block_sparse import TILE, _tile_len_mask, block_sparse_attention, tiles_to_blocks
 
 from dit_accel import TemporalSparse
@@ -38,13 +38,6 @@ def _model_order(lse, order) -> torch.Tensor:
     out = lse.new_full((*lse.shape[:2], int(order.tile_len.sum())), float("-inf"))
     out[:, :, idx[valid]] = lse[:, :, valid]
     return out
-
-
-def merge(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
-    """Attention over two disjoint key sets from each set's output and log-sum-exp (model order)."""
-    m = torch.maximum(lse_a, lse_b)
-    a, b = torch.exp(lse_a - m).nan_to_num(0.0), torch.exp(lse_b - m).nan_to_num(0.0)
-    return ((a[..., None] * out_a.float() + b[..., None] * out_b.float()) / (a + b)[..., None]).to(out_a.dtype)
 
 
 @dataclass

@@ -52,6 +52,14 @@ CONFIGS = {
 }
 
 
+def merge(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
+    """Attention over two disjoint key sets from each set's output and log-sum-exp (same token order),
+    in ``out_a``'s dtype."""
+    m = torch.maximum(lse_a, lse_b)
+    a, b = torch.exp(lse_a - m).nan_to_num(0.0), torch.exp(lse_b - m).nan_to_num(0.0)
+    return ((a[..., None] * out_a.float() + b[..., None] * out_b.float()) / (a + b)[..., None]).to(out_a.dtype)
+
+
 def pooled_estimate(q, k, v, blocks, counts, out, lse, tile_len, seq_index):
     """``out`` (model order) merged with attention to one summary token per skipped key tile.
 
@@ -72,9 +80,7 @@ def pooled_estimate(q, k, v, blocks, counts, out, lse, tile_len, seq_index):
     lse_c = torch.logsumexp(s, -1)
     out_c = torch.einsum("bhmtk,bhkd->bhmtd", torch.exp(s - lse_c[..., None]).nan_to_num(0.0), vbar)
     out_c, lse_c = out_c.reshape(B, H, n * TILE, D), lse_c.reshape(B, H, n * TILE)
-    m = torch.maximum(lse, lse_c)
-    a, b = torch.exp(lse - m).nan_to_num(0.0), torch.exp(lse_c - m).nan_to_num(0.0)
-    merged = (a[..., None] * out.float().index_select(2, idx) + b[..., None] * out_c) / (a + b)[..., None]
+    merged = merge(out.float().index_select(2, idx), lse, out_c, lse_c)
     new = out.clone()
     new[:, :, idx[valid]] = merged[:, :, valid].to(out.dtype)
     return new
