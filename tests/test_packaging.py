@@ -52,7 +52,8 @@ def test_info_command(tmp_path):
 
 def test_wheel_ships_every_module_and_the_reference_model_without_build_warnings(tmp_path):
     """A wheel built from the source tree holds every Python module under the dit_accel namespace and
-    every file of the shipped reference model, and setuptools builds it without warnings."""
+    every file of the shipped reference model, and setuptools builds it without its deprecation or
+    'package would be ignored' warnings."""
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".whl", "build", "dist", "artifacts",
                                                               "*.egg-info", "__pycache__", ".pytest_cache"))
