@@ -10,8 +10,11 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -422,9 +425,6 @@ def _lan_address():
 def test_the_main_command_serves_the_reference_model_on_localhost_only(tmp_path):
     """`dit-accel ui` as the README runs it: the app comes up with the reference model loaded, on
     127.0.0.1 only."""
-    import subprocess
-    import sys
-    import urllib.request
 
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -499,9 +499,6 @@ def test_a_progress_bar_made_before_gradio_tracks_tqdm_closes_without_an_error()
     """Gradio's track_tqdm patch reads an attribute only bars made after it have; a bar made before it
     (a pipeline's loading bar) must still close and be collected without an ignored AttributeError. Run in a
     fresh interpreter, so tqdm is unpatched when the bar is made."""
-    import subprocess
-    import sys
-
     code = """
 import gc, sys
 ignored = []
