@@ -76,11 +76,8 @@ def main(argv=None) -> None:
     stock = timed(one)
     stock2 = timed(two)
     pag = dit_accel.SoftPAG(heads=HEADS, strength=1.0, scale=3.0)
-    handle = dit_accel.apply(pipe, guidance=pag)
-    try:
+    with dit_accel.apply(pipe, guidance=pag):
         guided = timed(one)
-    finally:
-        handle.remove()
     again = timed(one)
     base = (stock + again) / 2
     rows = [

@@ -107,11 +107,8 @@ def attention(pipe, device, n, steps=(5, 10, 15), num_inference_steps=DEFAULT_ST
     from dit_accel import apply
 
     probe = AttentionProbe(steps=set(steps))
-    handle = apply(pipe, attention=probe)
-    try:
+    with apply(pipe, attention=probe):
         _generate(pipe, held_out_suite(n), device, n, num_inference_steps=num_inference_steps, **DEFAULT_SIZE)
-    finally:
-        handle.remove()
     layers = probe.summary()
     return {
         "prompts": n,

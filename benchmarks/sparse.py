@@ -561,13 +561,10 @@ def bench_step(iters: int, config: dict | None = None, latent=WAN13B_LATENT, tex
     stock_ms = timed()
     rows = [dict(method="stock (diffusers WanAttnProcessor, cuDNN SDPA)", ms=round(stock_ms, 2), speedup=1.0)]
     for name, method in step_methods().items():
-        handle = dit_accel.apply(model, attention=method)
-        try:
+        with dit_accel.apply(model, attention=method):
             step()  # first step of a generation: warm-up / compilation
             method.reset_stats()
             ms = timed()
-        finally:
-            handle.remove()
         rows.append(dict(method=name, ms=round(ms, 2), speedup=round(stock_ms / ms, 3),
                          density=round(method.density(), 4), config=method.to_dict()))
         print(f"  {rows[-1]}", flush=True)

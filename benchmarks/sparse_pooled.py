@@ -145,12 +145,8 @@ def run_probe(args, variants, command: str) -> None:
     rows = []
     for label, make_method, context in variants:
         method = make_method()
-        handle = dit_accel.apply(pipe, attention=method)
-        try:
-            with context():
-                videos = _generate(pipe, suite, device, args.batch, **size)
-        finally:
-            handle.remove()
+        with dit_accel.apply(pipe, attention=method), context():
+            videos = _generate(pipe, suite, device, args.batch, **size)
         rows.append({**label, "density": round(method.density(), 4), **fidelity(videos, dense, prompts, dense_scores)})
         print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))

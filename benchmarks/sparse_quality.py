@@ -99,13 +99,10 @@ def run(pipe, device, suite, batch, steps, methods) -> dict:
              "ssim_min": 1.0, "seconds": round(dense_s, 2),
              **{k: dense_scores[k] for k in ("color", "shape", "motion")}}]
     for name, method in methods.items():
-        handle = dit_accel.apply(pipe, attention=method)
-        try:
+        with dit_accel.apply(pipe, attention=method):
             _generate(pipe, suite[:batch], device, batch, **size)  # warm-up: kernel compilation
             method.reset_stats()
             videos, secs = _timed(lambda: _generate(pipe, suite, device, batch, **size))
-        finally:
-            handle.remove()
         row = {"config": name, "method": method.to_dict(), "density": round(method.density(), 4),
                **fidelity(videos, dense, prompts, dense_scores, absolute=True), "seconds": round(secs, 2)}
         row["meets_bars"] = bool(row["psnr"] >= 28 and row["ssim"] >= 0.9 and row["density"] <= 0.40

@@ -24,7 +24,11 @@ class _Applied:
 
 @dataclass
 class AccelHandle:
-    """What `apply` did; `remove()` restores the stock processors and hooks exactly."""
+    """What `apply` did; `remove()` restores the stock processors and hooks exactly.
+
+    Also a context manager: ``with dit_accel.apply(pipe, ...):`` removes on leaving the block, also
+    when it raises.
+    """
 
     attention: AttnProcessor | None
     _applied: list[_Applied] = field(default_factory=list, repr=False)
@@ -33,6 +37,12 @@ class AccelHandle:
     @property
     def transformers(self) -> list[torch.nn.Module]:
         return [a.transformer for a in self._applied]
+
+    def __enter__(self) -> AccelHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
     def remove(self) -> None:
         """Restore every transformer's original processors and remove the hooks `apply` added."""
@@ -95,7 +105,8 @@ def apply(pipe_or_transformer: Any, attention: AttentionMethod | AttnProcessor |
             batch, and the scheduler's step adds `s (eps_c - eps_pert)` to its prediction.
 
     Returns:
-        An `AccelHandle`; `handle.remove()` restores the stock processors and hooks.
+        An `AccelHandle`; `handle.remove()` restores the stock processors and hooks, as does leaving
+        a ``with`` block over it.
 
     Raises:
         UnsupportedModelError: the transformer is not of a supported family (nothing is changed).

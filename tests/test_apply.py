@@ -43,6 +43,26 @@ def test_nested_apply_removed_in_reverse_order():
     assert torch.equal(pipeline_output(pipe, kwargs), stock)
 
 
+def test_with_block_removes_on_exit_and_when_it_raises():
+    pipe = make_tiny_pipeline("wan")
+    kwargs = tiny_inputs("wan")
+    stock = pipeline_output(pipe, kwargs)
+    before = dict(pipe.transformer.attn_processors)
+    with dit_accel.apply(pipe, attention=Recorder(scale=1.01)) as handle:
+        assert handle.transformers == [pipe.transformer]
+        assert not torch.equal(pipeline_output(pipe, kwargs), stock)
+    assert get_hook(pipe.transformer) is None
+    assert torch.equal(pipeline_output(pipe, kwargs), stock)
+    with pytest.raises(KeyError, match="inside"):
+        with dit_accel.apply(pipe, attention=Recorder(scale=1.01)):
+            raise KeyError("inside")
+    after = pipe.transformer.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert get_hook(pipe.transformer) is None
+    handle.remove()  # a second removal changes nothing
+    assert torch.equal(pipeline_output(pipe, kwargs), stock)
+
+
 def test_apply_covers_both_wan22_experts():
     base = make_tiny_pipeline("wan")
     expert = make_tiny_pipeline("wan", seed=1).transformer
