@@ -129,29 +129,33 @@ def probe_configs(ap: argparse.ArgumentParser, args, configs: dict) -> list[str]
     return names
 
 
-def run_probe(args, variants, command: str) -> None:
+def run_probe(args, variants, command: str, pipe=None, extra: dict | None = None) -> None:
     """Generate the held-out suite dense, then with each variant, and write one row per variant.
 
     ``variants``: ``(label, make_method, context)`` triples: the row's leading fields, a factory of
-    the attention method, and a factory of the context the generation runs in."""
+    the attention method, and a factory of the context the generation runs in. ``pipe``: the loaded
+    reference pipeline (loaded here when None); ``extra``: more fields for the result file."""
     device = torch.device(args.device)
-    pipe = load_reference(device=device, dtype=None)
-    pipe.set_progress_bar_config(disable=True)
+    if pipe is None:
+        pipe = load_reference(device=device, dtype=None)
+        pipe.set_progress_bar_config(disable=True)
     suite = held_out_suite(args.prompts)
     prompts = [r["prompt"] for r in suite]
     size = dict(num_inference_steps=args.steps, **DEFAULT_SIZE)
-    dense = _generate(pipe, suite, device, args.batch, **size)
-    dense_scores = checker.score(dense, prompts)
-    rows = []
-    for label, make_method, context in variants:
-        method = make_method()
-        with dit_accel.apply(pipe, attention=method), context():
-            videos = _generate(pipe, suite, device, args.batch, **size)
-        rows.append({**label, "density": round(method.density(), 4), **fidelity(videos, dense, prompts, dense_scores)})
-        print_table(rows[-1:], list(rows[-1]))
-    print_table(rows, list(rows[0]))
-    payload = {"command": command, "prompts": len(suite), "size": DEFAULT_SIZE, "steps": args.steps,
-               "dense": {k: dense_scores[k] for k in ("color", "shape", "motion")}, "rows": rows}
+    payload = {"command": command, "prompts": len(suite), "size": DEFAULT_SIZE, "steps": args.steps, **(extra or {})}
+    if variants:
+        dense = _generate(pipe, suite, device, args.batch, **size)
+        dense_scores = checker.score(dense, prompts)
+        rows = []
+        for label, make_method, context in variants:
+            method = make_method()
+            with dit_accel.apply(pipe, attention=method), context():
+                videos = _generate(pipe, suite, device, args.batch, **size)
+            rows.append({**label, "density": round(method.density(), 4),
+                         **fidelity(videos, dense, prompts, dense_scores)})
+            print_table(rows[-1:], list(rows[-1]))
+        print_table(rows, list(rows[0]))
+        payload |= {"dense": {k: dense_scores[k] for k in ("color", "shape", "motion")}, "rows": rows}
     print(f"wrote {write_result(args.name, payload, args.out)}")
 
 

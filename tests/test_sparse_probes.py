@@ -1,4 +1,6 @@
-"""The sparse probes (benchmarks/sparse_pooled.py, sparse_cached.py) against explicit float64 attention."""
+"""The sparse probes (benchmarks/sparse_pooled.py, sparse_cached.py, sparse_oracle.py) against float64 attention."""
+
+import math
 
 import pytest
 import torch
@@ -75,3 +77,73 @@ def test_cached_probe_merge_of_a_layout_and_its_complement_is_dense():
     dense = _dense64(q, k, v)
     assert (parts[0].double() - dense).abs().max() > 1e-2
     assert (merged.double() - dense).abs().max() < 1e-4
+
+
+def _oracle_call(grid):
+    from dit_accel.layout import AttentionCall, ModuleInfo, TokenLayout
+
+    layout = TokenLayout(family="test", batch_size=2, grid=grid, patch_size=(1, 1, 1), video_tokens=math.prod(grid),
+                         text_tokens=0, text_position="cross")
+    return AttentionCall(layout, ModuleInfo("blocks.0.attn1", 0, "self"), None)
+
+
+def test_oracle_visits_the_heaviest_tiles_of_the_exact_attention():
+    from dit_accel.benchmarks import sparse_oracle
+    from dit_accel.kernels.tile_order import tile_order
+
+    grid = (3, 8, 10)  # ragged padded 3D tiles
+    order = tile_order(grid, None, 0, False, torch.device("cpu"))
+    S, n = math.prod(grid), order.tile_len.numel()
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    q, k, v = (torch.randn(2, 2, S, 32, generator=g) * (2.0 if i < 2 else 1.0) for i in range(3))
+    tile = order.inverse // TILE
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(32), -1)
+    expected = torch.zeros(2, 2, n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            expected[:, :, i, j] = p[:, :, tile == i][..., tile == j].sum(-1).mean(-1)
+    masses = sparse_oracle.tile_masses(q, k, tile, tile, n, n)
+    assert (masses.double() - expected).abs().max() < 1e-5
+
+    sel = sparse_oracle.best_tiles(masses, 0.4, "row", order.tile_len)
+    assert (sel.sum(-1) == round(0.4 * n)).all()
+    assert (expected.masked_fill(~sel, 2.0).amin(-1) >= expected.masked_fill(sel, -1.0).amax(-1) - 1e-6).all()
+
+    method = sparse_oracle.OracleTiles(keep=0.4)
+    out = method(q, k, v, None, _oracle_call(grid))
+    token_mask = sel[:, :, tile][:, :, :, tile]
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(32)
+    want = torch.softmax(s.masked_fill(~token_mask, float("-inf")), -1) @ v.double()
+    assert (out.double() - want).abs().max() < 1e-4
+    assert method.density() == pytest.approx(token_mask.double().mean().item(), rel=1e-9)
+
+
+def test_oracle_per_call_takes_the_heaviest_pairs_within_the_budget():
+    from dit_accel.benchmarks import sparse_oracle
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    masses = torch.softmax(torch.randn(2, 3, 8, 8, generator=g) * 3, -1)
+    lens = torch.full((8,), 128, dtype=torch.int32)  # equal tiles: mass per key token orders like mass
+    sel = sparse_oracle.best_tiles(masses, 0.3, "call", lens)
+    m = math.floor(0.3 * masses.numel())
+    assert (sel.sum(-1) >= 1).all()
+    assert m <= sel.sum() <= m + 2 * 3 * 8
+    assert sel.flatten()[masses.flatten().argsort(descending=True)[:m]].all()
+    with pytest.raises(ValueError, match="allocation"):
+        sparse_oracle.best_tiles(masses, 0.3, "head", lens)
+
+
+def test_recall_measure_against_float64():
+    from dit_accel.benchmarks import sparse_oracle
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    p = torch.softmax(torch.randn(50, 70, generator=g, dtype=torch.float64) * 2, -1)
+    v = torch.randn(70, 16, generator=g, dtype=torch.float64)
+    mask = torch.rand(50, 70, generator=g) < 0.4
+    mask[:, 0] = True
+    mass, err = sparse_oracle.kept(p.float(), v.float(), mask)
+    renorm = (p * mask) / (p * mask).sum(-1, keepdim=True)
+    assert mass == pytest.approx((p * mask).sum(-1).mean().item(), rel=1e-5)
+    assert err == pytest.approx(((renorm @ v - p @ v).norm() / (p @ v).norm()).item(), rel=1e-4)
+    labels = sparse_oracle.kmeans_tiles(torch.randn(300, 8, generator=g), 3)
+    assert torch.bincount(labels).tolist() == [TILE, TILE, 300 - 2 * TILE]
