@@ -210,7 +210,7 @@ def recall(pipe, device, prompts: int, batch: int, steps: int, keep=(0.4, 0.25))
 
 CONFIGS = {
     f"keep {keep}, per {where}": (lambda keep=keep, alloc=alloc: OracleTiles(keep=keep, allocation=alloc))
-    for keep in (0.4, 0.25) for where, alloc in (("query tile", "row"), ("call", "call"))
+    for keep in (0.8, 0.6, 0.4, 0.25) for where, alloc in (("query tile", "row"), ("call", "call"))
 }
 
 
