@@ -16,7 +16,8 @@ Two parts:
   query tile (the same number of key tiles for each, over the methods' 3D tiles) or per call (the
   heaviest pairs across all heads and query tiles, which gives concentrated heads fewer tiles and
   diffuse heads more). PSNR / SSIM against the dense video of the same seed, the checker's change
-  from dense, density as the methods count it.
+  from dense, density as the methods count it (dense steps in full). Also at about 40% density with the
+  first 3 or 6 steps dense and fewer tiles after them.
 - ``recall``: at steps 5, 10 and 15 (the last step when there are fewer) of the first
   ``--recall-prompts`` prompts (conditional branch), per layer: the attention mass that the best
   ``keep`` share keeps per query and the relative error of the attention output
@@ -211,6 +212,10 @@ def recall(pipe, device, prompts: int, batch: int, steps: int, keep=(0.4, 0.25))
 CONFIGS = {
     f"keep {keep}, per {where}": (lambda keep=keep, alloc=alloc: OracleTiles(keep=keep, allocation=alloc))
     for keep in (0.8, 0.6, 0.4, 0.25) for where, alloc in (("query tile", "row"), ("call", "call"))
+} | {  # the first steps dense, the rest sparser: about 40% density in all
+    f"keep {keep}, per query tile, {steps} dense steps": (lambda keep=keep, steps=steps: OracleTiles(keep=keep,
+                                                                                                     dense_steps=steps))
+    for keep, steps in ((0.28, 3), (0.14, 6))
 }
 
 
