@@ -32,6 +32,7 @@ Writes ``benchmarks/results/sparse-oracle-<device>-<date>.json`` (or ``--out DIR
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -210,11 +211,10 @@ def recall(pipe, device, prompts: int, batch: int, steps: int, keep=(0.4, 0.25))
 
 
 CONFIGS = {
-    f"keep {keep}, per {where}": (lambda keep=keep, alloc=alloc: OracleTiles(keep=keep, allocation=alloc))
+    f"keep {keep}, per {where}": functools.partial(OracleTiles, keep=keep, allocation=alloc)
     for keep in (0.8, 0.6, 0.4, 0.25) for where, alloc in (("query tile", "row"), ("call", "call"))
 } | {  # the first steps dense, the rest sparser: about 40% density in all
-    f"keep {keep}, per query tile, {steps} dense steps": (lambda keep=keep, steps=steps: OracleTiles(keep=keep,
-                                                                                                     dense_steps=steps))
+    f"keep {keep}, per query tile, {steps} dense steps": functools.partial(OracleTiles, keep=keep, dense_steps=steps)
     for keep, steps in ((0.28, 3), (0.14, 6))
 }
 
