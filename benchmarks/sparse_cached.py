@@ -11,7 +11,12 @@ full pass, the attention output and log-sum-exp of the tiles it is about to skip
 pass over those tiles), and merges that stale part into every following sparse pass through the
 log-sum-exp, as caching methods reuse a block's output across steps (``--reuse merge``); or keeps
 the full output minus the kept tiles' output and adds that difference to every sparse pass
-(``delta``). Without either (``drop``) the same layouts simply drop those tiles. Density counts
+(``delta``). Without either (``drop``) the same layouts simply drop those tiles. ``frozen`` merges
+like ``merge`` but keeps the layout chosen at the last warm-up step for the whole generation (full
+passes then only renew the cache), so that consecutive full passes cache the same tiles;
+``extrapolate`` does the same and, once two full passes are cached, merges their first-order
+forecast at the current step instead of the last one (TaylorSeer's forecast, applied to the skipped
+tiles' output and log-sum-exp; one more output and log-sum-exp in memory). Density counts
 full passes as 1 and sparse passes by their layout (the extra pass at a full step is not counted: a
 full pass split in two does the same work). Memory: one output and one log-sum-exp (``delta``: one
 float32 output) per layer and CFG branch.
@@ -45,7 +50,9 @@ class HeldTiles(TemporalSparse):
     """TemporalSparse at a fixed share ``keep`` of key tiles, optionally reusing the skipped tiles'
     contribution from the last full pass: ``reuse="merge"`` keeps their output and log-sum-exp and
     merges them with each sparse pass; ``reuse="delta"`` keeps the full pass's output minus the
-    kept tiles' output and adds that difference to each sparse pass; ``None`` drops them."""
+    kept tiles' output and adds that difference to each sparse pass; ``"frozen"`` / ``"extrapolate"``
+    merge with the layout of the last warm-up step kept for the generation, the latter the forecast
+    of two full passes (see the module docstring); ``None`` drops them."""
 
     keep: float = 0.25
     reuse: str | None = "merge"
@@ -63,6 +70,11 @@ class HeldTiles(TemporalSparse):
         if (step < self.warmup_steps or "blocks" not in state
                 or (self.refresh_every > 0 and since > 0 and since % self.refresh_every == 0)):
             out = super().__call__(query, key, value, attn_mask, call)  # full pass; next layout in state
+            frozen = self.reuse in ("frozen", "extrapolate")
+            if frozen and "frozen" in state:
+                state["blocks"], state["counts"] = state["frozen"]
+            elif frozen and step >= self.warmup_steps - 1:
+                state["frozen"] = (state["blocks"], state["counts"])
             n = order.tile_len.numel()
             mask = self.tile_mask(state, n)
             lens = order.tile_len.double()
@@ -76,8 +88,12 @@ class HeldTiles(TemporalSparse):
             rest, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
                                                seq_index=order.index, return_lse=True)
             state["cached"] = (rest, _model_order(lse, order), pairs)
+            if frozen and "frozen" in state:  # the last two full passes over the same skipped tiles
+                state["history"] = [*state.get("history", [])[-1:], (state["cached"][0], state["cached"][1], step)]
             return out
         rest, rest_lse, pairs = state["cached"]
+        if self.reuse == "extrapolate" and len(state.get("history", ())) == 2:
+            rest, rest_lse = extrapolate(*state["history"], step)
         B, H = query.shape[:2]
         self._count(pairs / (B * H), order, B * H)
         if self.reuse == "delta":
@@ -89,6 +105,18 @@ class HeldTiles(TemporalSparse):
         return merge(out, _model_order(lse, order), rest, rest_lse)
 
 
+def extrapolate(older, newer, step: int):
+    """First-order forecast at ``step`` of the skipped tiles' (output, log-sum-exp) from two full passes
+    ``(output, lse, step)`` over the same tiles (TaylorSeer's idea, applied to the cached part); rows
+    where either pass skipped nothing (lse -inf) keep the newer pass's values."""
+    (o0, l0, s0), (o1, l1, s1) = older, newer
+    t = (step - s1) / (s1 - s0)
+    finite = torch.isfinite(l0) & torch.isfinite(l1)
+    lse = torch.where(finite, l1 + t * (l1 - l0), l1)
+    out = torch.where(finite[..., None], o1.float() + t * (o1.float() - o0.float()), o1.float())
+    return out.to(o1.dtype), lse
+
+
 CONFIGS = {  # name: (keep, refresh_every); 20 steps, 2 warm-up (full) steps
     "keep 0.3, refresh off": (0.3, 0),
     "keep 0.25, refresh every 9": (0.25, 9),
@@ -97,7 +125,7 @@ CONFIGS = {  # name: (keep, refresh_every); 20 steps, 2 warm-up (full) steps
     "keep 0.1, refresh every 4": (0.1, 4),
     "keep 0.05, refresh every 3": (0.05, 3),
 }
-REUSE = {"drop": None, "merge": "merge", "delta": "delta"}
+REUSE = {"drop": None, "merge": "merge", "delta": "delta", "frozen": "frozen", "extrapolate": "extrapolate"}
 
 
 def main(argv=None) -> None:

@@ -147,3 +147,43 @@ def test_recall_measure_against_float64():
     assert err == pytest.approx(((renorm @ v - p @ v).norm() / (p @ v).norm()).item(), rel=1e-4)
     labels = sparse_oracle.kmeans_tiles(torch.randn(300, 8, generator=g), 3)
     assert torch.bincount(labels).tolist() == [TILE, TILE, 300 - 2 * TILE]
+
+
+def test_cached_probe_extrapolation_is_linear_in_the_step_and_leaves_empty_rows():
+    from dit_accel.benchmarks import sparse_cached
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    o0, d_o = torch.randn(2, 3, 10, 8, generator=g), torch.randn(2, 3, 10, 8, generator=g)
+    l0, d_l = torch.randn(2, 3, 10, generator=g), torch.randn(2, 3, 10, generator=g)
+    l0[0, 0, :4] = float("-inf")  # rows whose skipped set was empty at the older pass
+    o1, l1 = o0 + 3 * d_o, l0 + 3 * d_l  # passes at steps 4 and 7: slope d per step / 3 steps
+    out, lse = sparse_cached.extrapolate((o0, l0, 4), (o1, l1, 7), 9)
+    finite = torch.isfinite(l0)
+    assert torch.allclose(out[finite], (o0 + 5 * d_o)[finite], atol=1e-5)
+    assert torch.allclose(lse[finite], (l0 + 5 * d_l)[finite], atol=1e-5)
+    assert torch.equal(out[~finite], o1[~finite]) and torch.equal(lse[~finite], l1[~finite])
+
+
+def test_cached_probe_frozen_layout_survives_refreshes():
+    from dit_accel.benchmarks import sparse_cached
+    from dit_accel.kernels.tile_order import tile_order
+    from dit_accel.layout import AttentionCall, ModuleInfo, TokenLayout
+
+    grid, state = (4, 16, 16), {}  # 8 tiles of 2x8x8
+    S = math.prod(grid)
+    method = sparse_cached.HeldTiles(keep=0.5, reuse="extrapolate", warmup_steps=2, refresh_every=2)
+    layouts = []
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    for step in range(7):
+        layout = TokenLayout(family="test", batch_size=1, grid=grid, patch_size=(1, 1, 1), video_tokens=S,
+                             text_tokens=0, text_position="cross", step_index=step)
+        call = AttentionCall(layout, ModuleInfo("blocks.0.attn1", 0, "self"), None, lambda: state)
+        q, k, v = (torch.randn(1, 1, S, 16, generator=g) for _ in range(3))
+        q[..., 0] += 10.0
+        order = tile_order(grid)  # each step, other key tiles score high
+        k[..., 0] += 10.0 * torch.rand(8, generator=g)[order.inverse // TILE]
+        out = method(q, k, v, None, call)
+        assert torch.isfinite(out).all()
+        layouts.append(state["blocks"].clone())
+    assert all(torch.equal(b, layouts[1]) for b in layouts[1:])  # fixed from the last warm-up step on
+    assert [s for *_, s in state["history"]] == [4, 6]
