@@ -107,7 +107,6 @@ class OracleTiles(_TiledSparse):
     dense_steps: int = 0
     dense_layers: tuple = ()
     packed: bool = False
-    _lens: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.keep <= 1:
