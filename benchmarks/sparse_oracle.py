@@ -7,8 +7,9 @@
 `Neighborhood` and `TemporalSparse` guess which key tiles matter (a fixed window; last step's
 weights). This probe removes the guess: an oracle computes the exact attention of each call, keeps
 the key tiles that carry the most attention mass and runs the block-sparse kernel over them, so no
-selection rule of the same density can keep more mass. It is an upper bound on what tile selection
-can reach on this model, not a method (it does the dense work to choose).
+selection rule of the same density keeps more of the mass (with as many key tiles per query tile, or
+per call). It bounds what tile selection can reach on this model; it is not a method (it does the
+dense work to choose), and the mass it keeps is what it maximizes, not the video's PSNR.
 
 Two parts:
 
