@@ -3,6 +3,7 @@ import math
 import torch
 
 from dit_accel import Dense
+from dit_accel.layout import AttentionCall, ModuleInfo, TokenLayout
 from dit_accel.methods.base import AttentionMethod
 
 
@@ -56,3 +57,15 @@ class ExplicitMap(AttentionMethod):
             for h in chosen:
                 a[:, h] = keep @ a[:, h] + self.u * eye
         return (a @ v).to(query.dtype)
+
+
+def attention_call(grid, text=0, text_first=False, step=0, kind=None, state=None):
+    """An `AttentionCall` of layer 0 over a `grid` video (plus `text` tokens in joint attention) at
+    denoising `step`; `state`: the dict the call's per-method storage is (a fresh one when None)."""
+    kind = kind or ("joint" if text else "self")
+    S = math.prod(grid) + text
+    span = None if not text else ((0, text) if text_first else (S - text, S))
+    layout = TokenLayout(family="test", batch_size=2, grid=grid, patch_size=(1, 1, 1), video_tokens=math.prod(grid),
+                         text_tokens=text, text_position="first" if text_first else "last", step_index=step)
+    store = state if state is not None else {}
+    return AttentionCall(layout, ModuleInfo("blocks.0.attn1", 0, kind), span, lambda: store)

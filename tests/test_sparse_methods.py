@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from dit_accel.kernels import block_sparse as bs
 from dit_accel.kernels.tile_order import choose_tile, tile_order, window_tiles
 from dit_accel.pipelines.tiny import make_tiny_pipeline, tiny_inputs
-from helpers import pipeline_output
+from helpers import attention_call, pipeline_output
 
 import dit_accel
-from dit_accel.layout import AttentionCall, ModuleInfo, TokenLayout
 
 GRIDS = [(5, 6, 7), (3, 9, 13), (1, 16, 16), (4, 4, 4)]
 
@@ -125,16 +124,6 @@ def test_window_errors_name_the_input():
         dit_accel.TemporalSparse(min_density=0.5, max_density=0.2)
 
 
-def _call(grid, text=0, text_first=False, step=0, kind=None, state=None):
-    kind = kind or ("joint" if text else "self")
-    S = math.prod(grid) + text
-    span = None if not text else ((0, text) if text_first else (S - text, S))
-    layout = TokenLayout(family="test", batch_size=2, grid=grid, patch_size=(1, 1, 1), video_tokens=math.prod(grid),
-                         text_tokens=text, text_position="first" if text_first else "last", step_index=step)
-    store = state if state is not None else {}
-    return AttentionCall(layout, ModuleInfo("blocks.0.attn1", 0, kind), span, lambda: store)
-
-
 def _float64_masked(q, k, v, mask):
     s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v.double()
@@ -152,10 +141,10 @@ def test_neighborhood_equals_masked_attention(text, text_first, triton, monkeypa
     S = math.prod(grid) + text
     q, k, v = (torch.randn(2, 2, S, 64) for _ in range(3))
     whole = dit_accel.Neighborhood(window=grid, tile=(1, 6, 10))
-    out = whole(q, k, v, None, _call(grid, text, text_first))
+    out = whole(q, k, v, None, attention_call(grid, text, text_first))
     assert (out.double() - _float64_masked(q, k, v, torch.ones(S, S, dtype=torch.bool))).abs().max() < 1e-5
     local = dit_accel.Neighborhood(window=(1, 6, 10), tile=(1, 6, 10))
-    out = local(q, k, v, None, _call(grid, text, text_first))
+    out = local(q, k, v, None, attention_call(grid, text, text_first))
     order = tile_order(grid, (1, 6, 10), text, text_first)
     tiles = window_tiles(order, (1, 6, 10))
     slot_mask = bs.blocks_to_mask(*bs.tiles_to_blocks(tiles[None, None]), order.length, order.length)[0, 0]
@@ -181,7 +170,7 @@ def test_temporal_sparse_skips_what_the_gap_marks(packed):
     method = dit_accel.TemporalSparse(threshold=-8.0, warmup_steps=1, refresh_every=3, refresh_tol=None,
                                       min_density=0.0, tile=(1, 8, 8), packed=packed)
     state = {}
-    method(q, k, v, None, _call(grid, step=0, state=state))  # warm-up: every tile, records the skip set
+    method(q, k, v, None, attention_call(grid, step=0, state=state))  # warm-up: every tile, records the skip set
     order = tile_order(grid, (1, 8, 8), packed=packed)  # packed: two frames per kernel tile
     full = bs.tiles_to_blocks(torch.ones(1, 1, order.tile_len.numel(), order.tile_len.numel(), dtype=torch.bool))
     _, gap = bs.block_sparse_attention_reference(order.gather(q), order.gather(k), order.gather(v), *full,
@@ -191,7 +180,7 @@ def test_temporal_sparse_skips_what_the_gap_marks(packed):
     assert not method.tile_mask(state, n).all()
     mask = method.tile_mask(state, n)
     method.reset_stats()
-    out = method(q, k, v, None, _call(grid, step=1, state=state))
+    out = method(q, k, v, None, attention_call(grid, step=1, state=state))
     lens = order.tile_len.double()  # density: the token pairs of the tiles run, over all pairs
     expect = torch.einsum("bhqk,q,k->", mask.double(), lens, lens) / (mask.shape[0] * mask.shape[1] * S**2)
     assert float(method.density()) == pytest.approx(float(expect), rel=1e-6)
@@ -200,7 +189,7 @@ def test_temporal_sparse_skips_what_the_gap_marks(packed):
     assert (out.double() - _float64_masked(q, k, v, token)).abs().max() < 1e-4
     # refresh: step 1 + 3 after warm-up runs every tile again
     method.reset_stats()
-    method(q, k, v, None, _call(grid, step=4, state=state))
+    method(q, k, v, None, attention_call(grid, step=4, state=state))
     assert method.density() == 1.0
 
 
@@ -213,7 +202,7 @@ def test_temporal_sparse_density_floor_and_ceiling():
         method = dit_accel.TemporalSparse(threshold=thr, warmup_steps=1, refresh_tol=None, min_density=lo,
                                           max_density=hi, tile=(1, 8, 8), packed=False)
         state = {}
-        method(q, k, v, None, _call(grid, state=state))
+        method(q, k, v, None, attention_call(grid, state=state))
         kept = state["counts"]
         assert torch.equal(kept, method.tile_mask(state, n).sum(-1, dtype=torch.int32))
         assert (kept >= math.ceil(lo * n)).all() and (kept <= math.ceil(hi * n)).all()
@@ -227,12 +216,12 @@ def test_threshold_minus_inf_and_cross_attention_are_dense():
     method = dit_accel.TemporalSparse(threshold=float("-inf"), warmup_steps=0)
     state = {}
     for step in range(3):
-        out = method(q, k, v, None, _call(grid, step=step, state=state))
+        out = method(q, k, v, None, attention_call(grid, step=step, state=state))
         assert (out - dense).abs().max() < 1e-5
     assert method.density() == 1.0
     kv = torch.randn(1, 2, 7, 32)
     method.reset_stats()
-    cross = method(q, kv, kv, None, _call(grid, kind="cross"))
+    cross = method(q, kv, kv, None, attention_call(grid, kind="cross"))
     assert (cross - F.scaled_dot_product_attention(q, kv, kv)).abs().max() < 1e-6
     assert method.density() is None  # nothing ran sparse
 
@@ -244,13 +233,13 @@ def test_dense_steps_count_as_full_density():
     S = math.prod(grid)
     q, k, v = (torch.randn(1, 2, S, 32) for _ in range(3))
     sparse = dit_accel.Neighborhood(window=(1, 8, 16), tile=(1, 8, 16))
-    sparse(q, k, v, None, _call(grid, step=1))
+    sparse(q, k, v, None, attention_call(grid, step=1))
     d = sparse.density()
     assert d == pytest.approx(0.5)  # one of two frames
     mixed = dit_accel.Neighborhood(window=(1, 8, 16), tile=(1, 8, 16), dense_steps=1)
-    out0 = mixed(q, k, v, None, _call(grid, step=0))
+    out0 = mixed(q, k, v, None, attention_call(grid, step=0))
     assert (out0 - F.scaled_dot_product_attention(q, k, v)).abs().max() < 1e-5
-    mixed(q, k, v, None, _call(grid, step=1))
+    mixed(q, k, v, None, attention_call(grid, step=1))
     assert mixed.density() == pytest.approx((1 + d) / 2)
 
 
@@ -306,7 +295,7 @@ def test_error_triggered_refresh_follows_the_mean_lse_drop():
     probe = dit_accel.TemporalSparse(threshold=-2.0, warmup_steps=1, refresh_every=0, refresh_tol=None,
                                      min_density=0.0, tile=(1, 8, 8), packed=False)
     state = {}
-    probe(q, k, v, None, _call(grid, step=0, state=state))
+    probe(q, k, v, None, attention_call(grid, step=0, state=state))
     mask = probe.tile_mask(state, n)
     assert not mask.all()
     drop = float((lse_of(torch.ones_like(mask)) - lse_of(mask)).clamp_min(0).nan_to_num(0.0).mean())
@@ -315,7 +304,7 @@ def test_error_triggered_refresh_follows_the_mean_lse_drop():
         method = dit_accel.TemporalSparse(threshold=-2.0, warmup_steps=1, refresh_every=0, refresh_tol=tol,
                                           min_density=0.0, tile=(1, 8, 8), packed=False)
         state = {}
-        method(q, k, v, None, _call(grid, step=0, state=state))
+        method(q, k, v, None, attention_call(grid, step=0, state=state))
         assert torch.equal(method.tile_mask(state, n), mask)
-        method(q, k, v, None, _call(grid, step=1, state=state))  # sparse: measures the drop in the kernel
+        method(q, k, v, None, attention_call(grid, step=1, state=state))  # sparse: measures the drop in the kernel
         assert bool(method.tile_mask(state, n).all()) == refresh, f"tol {tol:.4f} against a drop of {drop:.4f}"

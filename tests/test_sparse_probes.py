@@ -6,6 +6,7 @@ import pytest
 import torch
 from dit_accel.benchmarks import sparse_pooled
 from dit_accel.kernels.block_sparse import TILE, block_sparse_attention_reference, tiles_to_blocks
+from helpers import attention_call
 
 import dit_accel.methods.sparse as sparse_methods
 
@@ -79,14 +80,6 @@ def test_cached_probe_merge_of_a_layout_and_its_complement_is_dense():
     assert (merged.double() - dense).abs().max() < 1e-4
 
 
-def _oracle_call(grid):
-    from dit_accel.layout import AttentionCall, ModuleInfo, TokenLayout
-
-    layout = TokenLayout(family="test", batch_size=2, grid=grid, patch_size=(1, 1, 1), video_tokens=math.prod(grid),
-                         text_tokens=0, text_position="cross")
-    return AttentionCall(layout, ModuleInfo("blocks.0.attn1", 0, "self"), None)
-
-
 def test_oracle_visits_the_heaviest_tiles_of_the_exact_attention():
     from dit_accel.benchmarks import sparse_oracle
     from dit_accel.kernels.tile_order import tile_order
@@ -110,7 +103,7 @@ def test_oracle_visits_the_heaviest_tiles_of_the_exact_attention():
     assert (expected.masked_fill(~sel, 2.0).amin(-1) >= expected.masked_fill(sel, -1.0).amax(-1) - 1e-6).all()
 
     method = sparse_oracle.OracleTiles(keep=0.4)
-    out = method(q, k, v, None, _oracle_call(grid))
+    out = method(q, k, v, None, attention_call(grid))
     token_mask = sel[:, :, tile][:, :, :, tile]
     s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(32)
     want = torch.softmax(s.masked_fill(~token_mask, float("-inf")), -1) @ v.double()
@@ -167,7 +160,6 @@ def test_cached_probe_extrapolation_is_linear_in_the_step_and_leaves_empty_rows(
 def test_cached_probe_frozen_layout_survives_refreshes():
     from dit_accel.benchmarks import sparse_cached
     from dit_accel.kernels.tile_order import tile_order
-    from dit_accel.layout import AttentionCall, ModuleInfo, TokenLayout
 
     grid, state = (4, 16, 16), {}  # 8 tiles of 2x8x8
     S = math.prod(grid)
@@ -175,9 +167,7 @@ def test_cached_probe_frozen_layout_survives_refreshes():
     layouts = []
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     for step in range(7):
-        layout = TokenLayout(family="test", batch_size=1, grid=grid, patch_size=(1, 1, 1), video_tokens=S,
-                             text_tokens=0, text_position="cross", step_index=step)
-        call = AttentionCall(layout, ModuleInfo("blocks.0.attn1", 0, "self"), None, lambda: state)
+        call = attention_call(grid, step=step, state=state)
         q, k, v = (torch.randn(1, 1, S, 16, generator=g) for _ in range(3))
         q[..., 0] += 10.0
         order = tile_order(grid)  # each step, other key tiles score high

@@ -425,7 +425,6 @@ def _lan_address():
 def test_the_main_command_serves_the_reference_model_on_localhost_only(tmp_path):
     """`dit-accel ui` as the README runs it: the app comes up with the reference model loaded, on
     127.0.0.1 only."""
-
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     log = tmp_path / "ui.log"
