@@ -60,18 +60,23 @@ def token_tiles(order: TileOrder) -> torch.Tensor:
     return order.inverse // TILE
 
 
-def tile_masses(q, k, tiles_q, tiles_k, n_q: int, n_k: int, chunk: int = 8) -> torch.Tensor:
-    """float32 ``[B, H, n_q, n_k]``: per query tile, the mean over its queries of the exact attention
-    mass (softmax of ``q k^T / sqrt(d)``) on each key tile; ``tiles_q`` / ``tiles_k``: each token's tile."""
-    B, H, S, D = q.shape
+def masses_of(p: torch.Tensor, tiles_q, tiles_k, n_q: int, n_k: int) -> torch.Tensor:
+    """``[..., n_q, n_k]``: per query tile, the mean over its queries of the attention mass that the
+    probabilities ``p`` ``[..., S_q, S_k]`` put on each key tile; ``tiles_q`` / ``tiles_k``: each token's tile."""
     one_q = torch.nn.functional.one_hot(tiles_q, n_q).float()  # [S, n_q]
     one_k = torch.nn.functional.one_hot(tiles_k, n_k).float()
-    per_tile = one_q.T / one_q.sum(0)[:, None]
+    return (one_q.T / one_q.sum(0)[:, None]) @ (p @ one_k)
+
+
+def tile_masses(q, k, tiles_q, tiles_k, n_q: int, n_k: int, chunk: int = 8) -> torch.Tensor:
+    """float32 ``[B, H, n_q, n_k]``: :func:`masses_of` the exact attention (softmax of ``q k^T / sqrt(d)``),
+    computed ``chunk`` (batch, head) pairs at a time."""
+    B, H, S, D = q.shape
     qf, kf = q.reshape(B * H, S, D), k.reshape(B * H, k.shape[2], D)
     out = []
     for i in range(0, B * H, chunk):
         p = torch.softmax(qf[i:i + chunk].float() @ kf[i:i + chunk].float().transpose(1, 2) * D**-0.5, -1)
-        out.append(per_tile @ (p @ one_k))
+        out.append(masses_of(p, tiles_q, tiles_k, n_q, n_k))
     return torch.cat(out).view(B, H, n_q, n_k)
 
 
@@ -177,11 +182,13 @@ class RecallProbe(AttentionMethod):
                 p = torch.softmax(q @ k.T * D**-0.5, -1)
                 n_km = math.ceil(S / TILE)
                 tq, tk = kmeans_tiles(q, n_km, seed=h), kmeans_tiles(k, n_km, seed=h)
+                groupings = {"3d": (tiles, tiles, n, n), "kmeans": (tq, tk, n_km, n_km)}
+                masses = {name: masses_of(p, *g) for name, g in groupings.items()}
                 for keep in self.keep:
                     row = {"layer": call.module.layer, "step": call.layout.step_index, "head": h, "keep": keep}
-                    for name, (a, c, na, nc) in (("3d", (tiles, tiles, n, n)), ("kmeans", (tq, tk, n_km, n_km))):
-                        mass = tile_masses(q[None, None], k[None, None], a, c, na, nc)[0, 0]
-                        sel = best_tiles(mass[None, None], keep, "row", torch.bincount(a, minlength=na))[0, 0]
+                    for name, (a, c, na, _) in groupings.items():
+                        lens = torch.bincount(a, minlength=na)
+                        sel = best_tiles(masses[name][None, None], keep, "row", lens)[0, 0]
                         row[name] = kept(p, v, sel[a][:, c])
                     top = p.topk(max(1, round(keep * S)), dim=-1).indices
                     row["tokens"] = kept(p, v, torch.zeros_like(p, dtype=torch.bool).scatter_(-1, top, True))
