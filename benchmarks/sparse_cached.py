@@ -87,9 +87,10 @@ class HeldTiles(TemporalSparse):
             blocks, counts = (t.to(query.device) for t in tiles_to_blocks(~mask))
             rest, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
                                                seq_index=order.index, return_lse=True)
-            state["cached"] = (rest, _model_order(lse, order), pairs)
+            lse = _model_order(lse, order)
+            state["cached"] = (rest, lse, pairs)
             if frozen and "frozen" in state:  # the last two full passes over the same skipped tiles
-                state["history"] = [*state.get("history", [])[-1:], (state["cached"][0], state["cached"][1], step)]
+                state["history"] = [*state.get("history", [])[-1:], (rest, lse, step)]
             return out
         rest, rest_lse, pairs = state["cached"]
         if self.reuse == "extrapolate" and len(state.get("history", ())) == 2:
