@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from dit_accel.benchmarks.sparse_pooled import merge, probe_configs, probe_parser, run_probe
 from dit_accel.kernels.block_sparse import TILE, _tile_len_mask, block_sparse_attention, tiles_to_blocks
+from dit_accel.methods.sparse import _full_layout
 
 from dit_accel import TemporalSparse
 
@@ -94,7 +95,7 @@ class HeldTiles(TemporalSparse):
             return out
         rest, rest_lse, pairs = state["cached"]
         if self.reuse == "extrapolate" and len(state.get("history", ())) == 2:
-            rest, rest_lse = extrapolate(*state["history"], step)
+            rest, rest_lse = forecast(state["history"], step)
         B, H = query.shape[:2]
         self._count(pairs / (B * H), order, B * H)
         if self.reuse == "delta":
@@ -106,16 +107,94 @@ class HeldTiles(TemporalSparse):
         return merge(out, _model_order(lse, order), rest, rest_lse)
 
 
-def extrapolate(older, newer, step: int):
-    """First-order forecast at ``step`` of the skipped tiles' (output, log-sum-exp) from two full passes
-    ``(output, lse, step)`` over the same tiles (TaylorSeer's idea, applied to the cached part); rows
-    where either pass skipped nothing (lse -inf) keep the newer pass's values."""
-    (o0, l0, s0), (o1, l1, s1) = older, newer
-    t = (step - s1) / (s1 - s0)
-    finite = torch.isfinite(l0) & torch.isfinite(l1)
-    lse = torch.where(finite, l1 + t * (l1 - l0), l1)
-    out = torch.where(finite[..., None], o1.float() + t * (o1.float() - o0.float()), o1.float())
-    return out.to(o1.dtype), lse
+@dataclass
+class ScheduledTiles(HeldTiles):
+    """Full passes at the given steps (``full_steps``), sparse passes over one frozen layout in
+    between, the skipped tiles' (output, log-sum-exp) forecast from the last ``forecast + 1`` full
+    passes by the polynomial through them (0: the last pass as it was, as ``merge``; 1: the line
+    through two, as ``extrapolate``; 2: the parabola through three). ``clock``: the variable of the
+    forecast, ``"step"`` (the step index) or ``"timestep"`` (the scheduler's timestep, spaced
+    unevenly: the last steps of a shifted flow-matching schedule are the longest). The layout is the
+    most weighted ``keep`` of the key tiles after the last of the leading full steps (0, 1, ...)."""
+
+    full_steps: tuple = (0, 1, 5, 8, 11, 14, 17)
+    forecast: int = 1
+    clock: str = "step"
+
+    def __post_init__(self) -> None:
+        self.full_steps = tuple(sorted(int(s) for s in self.full_steps))
+        if not self.full_steps or self.full_steps[0] != 0:
+            raise ValueError(f"ScheduledTiles(full_steps={self.full_steps}): the first step must be a full pass")
+        if self.forecast not in (0, 1, 2) or self.clock not in ("step", "timestep"):
+            raise ValueError(f"ScheduledTiles(forecast={self.forecast}, clock={self.clock!r}): forecast 0, 1 or 2; "
+                             "clock 'step' or 'timestep'")
+        lead = 0
+        while lead + 1 in self.full_steps:
+            lead += 1
+        self._freeze_at = lead
+        self.reuse, self.refresh_every, self.warmup_steps = "extrapolate", 0, lead + 1
+        super().__post_init__()
+
+    def __call__(self, query, key, value, attn_mask, call=None):
+        order = self._order(query, key, attn_mask, call)
+        if order is None or self._dense_step(order, call, query):
+            return self._dense(query, key, value, attn_mask, call)
+        state, step = call.state, call.layout.step_index
+        at = float(step if self.clock == "step" else call.layout.timestep.flatten()[0])
+        B, H = query.shape[:2]
+        n = order.tile_len.numel()
+        if step in self.full_steps or "frozen" not in state:
+            if "full" not in state:
+                state["full"] = _full_layout(n, query.device)
+            self._count_full(order, B * H)
+            out, gap = self._attend(query, key, value, order, state, *state["full"], True)
+            if step <= self._freeze_at or "frozen" not in state:
+                self._update(state, gap, *state["full"], order, True, B * H)
+                state["blocks"], state["counts"] = state["frozen"] = (state["blocks"], state["counts"])
+                state["history"] = []  # a new layout: earlier passes cached other tiles
+            mask = self.tile_mask(state, n)
+            lens = order.tile_len.double()
+            state["pairs"] = float(torch.einsum("bhqk,q,k->", mask.double(), lens, lens))
+            blocks, counts = (t.to(query.device) for t in tiles_to_blocks(~mask))
+            rest, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
+                                               seq_index=order.index, return_lse=True)
+            older = state["history"][-self.forecast:] if self.forecast else []
+            state["history"] = [*older, (rest, _model_order(lse, order), at)]
+            return out
+        rest, rest_lse = forecast(state["history"], at)
+        self._count(state["pairs"] / (B * H), order, B * H)
+        out, lse = block_sparse_attention(query, key, value, state["blocks"], state["counts"], tile_len=order.tile_len,
+                                          seq_index=order.index, return_lse=True)
+        return merge(out, _model_order(lse, order), rest, rest_lse)
+
+
+def forecast(history, at: float):
+    """The (output, log-sum-exp) at ``at`` of the polynomial through the ``(output, lse, clock)``
+    passes of ``history`` (Newton's form; one pass: that pass); rows where any pass skipped nothing
+    (lse -inf) keep the newest pass's values."""
+    xs = [h[2] for h in history]
+    newest_out, newest_lse = history[-1][0].float(), history[-1][1]
+    if len(history) == 1:
+        return history[-1][0], newest_lse
+    finite = torch.stack([torch.isfinite(h[1]) for h in history]).all(0)
+    outs = [h[0].float() for h in history]
+    lses = [torch.where(finite, h[1], 0.0) for h in history]
+    out, lse = _newton(outs, xs, at), _newton(lses, xs, at)
+    lse = torch.where(finite, lse, newest_lse)
+    out = torch.where(finite[..., None], out, newest_out)
+    return out.to(history[-1][0].dtype), lse
+
+
+def _newton(values, xs, at: float):
+    """The interpolating polynomial through ``(xs[i], values[i])`` evaluated at ``at``."""
+    coef = list(values)
+    for j in range(1, len(xs)):
+        for i in range(len(xs) - 1, j - 1, -1):
+            coef[i] = (coef[i] - coef[i - 1]) / (xs[i] - xs[i - j])
+    result = coef[-1]
+    for i in range(len(xs) - 2, -1, -1):
+        result = result * (at - xs[i]) + coef[i]
+    return result
 
 
 CONFIGS = {  # name: (keep, refresh_every); 20 steps, 2 warm-up (full) steps
@@ -132,7 +211,17 @@ REUSE = {"drop": None, "merge": "merge", "delta": "delta", "frozen": "frozen", "
 def main(argv=None) -> None:
     ap = probe_parser(__doc__, CONFIGS, "sparse-cached")
     ap.add_argument("--reuse", default="drop,merge", help=f"comma-separated, from: {', '.join(REUSE)}")
+    ap.add_argument("--schedules", default=None,
+                    help="';'-separated full-pass steps, e.g. '0,1,5,8,11,14,17;0,1,3,6,9,12,15': instead of "
+                         "--configs/--reuse, run ScheduledTiles for each schedule, --forecast and --keep")
+    ap.add_argument("--forecast", default="0,1,1t,2t",
+                    help="with --schedules: comma-separated forecast orders 0/1/2, 't' for the timestep clock")
+    ap.add_argument("--keep", type=float, default=0.05, help="with --schedules: share of key tiles in sparse passes")
     args = ap.parse_args(argv)
+    command = "python -m dit_accel.benchmarks.sparse_cached " + " ".join(argv or [])
+    if args.schedules is not None:
+        run_probe(args, scheduled_variants(ap, args), command)
+        return
     names = probe_configs(ap, args, CONFIGS)
     reuses = [r.strip() for r in args.reuse.split(",") if r.strip()]
     if not reuses or any(r not in REUSE for r in reuses):
@@ -143,7 +232,27 @@ def main(argv=None) -> None:
 
     variants = [({"config": name, "reuse": reuse}, held(*CONFIGS[name], reuse), contextlib.nullcontext)
                 for name in names for reuse in reuses]
-    run_probe(args, variants, "python -m dit_accel.benchmarks.sparse_cached " + " ".join(argv or []))
+    run_probe(args, variants, command)
+
+
+def scheduled_variants(ap, args) -> list:
+    """``run_probe`` variants of ScheduledTiles for each of ``--schedules`` x ``--forecast``."""
+    try:
+        schedules = [tuple(int(x) for x in sched.split(",")) for sched in args.schedules.split(";") if sched.strip()]
+        forecasts = [(int(f.strip().rstrip("t")), "timestep" if f.strip().endswith("t") else "step")
+                     for f in args.forecast.split(",") if f.strip()]
+    except ValueError:
+        ap.error(f"--schedules / --forecast: expected e.g. '0,1,5,8' and '0,1,1t,2t', got {args.schedules!r} and "
+                 f"{args.forecast!r}")
+    variants = []
+    for sched in schedules:
+        for order, clock in forecasts:
+            def make(sched=sched, order=order, clock=clock):
+                return ScheduledTiles(keep=args.keep, full_steps=sched, forecast=order, clock=clock)
+            make()  # bad values fail before any generation
+            label = {"full_steps": ",".join(map(str, sched)), "keep": args.keep, "forecast": order, "clock": clock}
+            variants.append((label, make, contextlib.nullcontext))
+    return variants
 
 
 if __name__ == "__main__":

@@ -59,13 +59,15 @@ class ExplicitMap(AttentionMethod):
         return (a @ v).to(query.dtype)
 
 
-def attention_call(grid, text=0, text_first=False, step=0, kind=None, state=None):
+def attention_call(grid, text=0, text_first=False, step=0, kind=None, state=None, timestep=None):
     """An `AttentionCall` of layer 0 over a `grid` video (plus `text` tokens in joint attention) at
-    denoising `step`; `state`: the dict the call's per-method storage is (a fresh one when None)."""
+    denoising `step` (and `timestep`, a float, when given); `state`: the dict the call's per-method
+    storage is (a fresh one when None)."""
     kind = kind or ("joint" if text else "self")
     S = math.prod(grid) + text
     span = None if not text else ((0, text) if text_first else (S - text, S))
     layout = TokenLayout(family="test", batch_size=2, grid=grid, patch_size=(1, 1, 1), video_tokens=math.prod(grid),
-                         text_tokens=text, text_position="first" if text_first else "last", step_index=step)
+                         text_tokens=text, text_position="first" if text_first else "last", step_index=step,
+                         timestep=None if timestep is None else torch.tensor([float(timestep)]))
     store = state if state is not None else {}
     return AttentionCall(layout, ModuleInfo("blocks.0.attn1", 0, kind), span, lambda: store)

@@ -150,11 +150,92 @@ def test_cached_probe_extrapolation_is_linear_in_the_step_and_leaves_empty_rows(
     l0, d_l = torch.randn(2, 3, 10, generator=g), torch.randn(2, 3, 10, generator=g)
     l0[0, 0, :4] = float("-inf")  # rows whose skipped set was empty at the older pass
     o1, l1 = o0 + 3 * d_o, l0 + 3 * d_l  # passes at steps 4 and 7: slope d per step / 3 steps
-    out, lse = sparse_cached.extrapolate((o0, l0, 4), (o1, l1, 7), 9)
+    out, lse = sparse_cached.forecast([(o0, l0, 4), (o1, l1, 7)], 9)
     finite = torch.isfinite(l0)
     assert torch.allclose(out[finite], (o0 + 5 * d_o)[finite], atol=1e-5)
     assert torch.allclose(lse[finite], (l0 + 5 * d_l)[finite], atol=1e-5)
     assert torch.equal(out[~finite], o1[~finite]) and torch.equal(lse[~finite], l1[~finite])
+
+
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_scheduled_forecast_is_the_polynomial_through_the_passes(passes):
+    """Against Lagrange's form in float64, on unevenly spaced clocks (timesteps)."""
+    from dit_accel.benchmarks import sparse_cached
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    xs = sorted((float(x) for x in torch.rand(passes, generator=g) * 1000), reverse=True)
+    outs = [torch.randn(2, 3, 10, 8, generator=g) for _ in xs]
+    lses = [torch.randn(2, 3, 10, generator=g) for _ in xs]
+    lses[0][1, 2, :3] = float("-inf")  # rows one pass skipped nothing in
+    at = xs[-1] - float(torch.rand(1, generator=g)) * 200
+
+    def lagrange(values):
+        total = 0
+        for i, xi in enumerate(xs):
+            w = math.prod((at - xj) / (xi - xj) for j, xj in enumerate(xs) if j != i)
+            total = total + w * values[i].double()
+        return total
+
+    out, lse = sparse_cached.forecast(list(zip(outs, lses, xs)), at)
+    finite = torch.stack([torch.isfinite(x) for x in lses]).all(0)
+    want_lse = lagrange([torch.where(finite, x, 0.0) for x in lses])
+    assert torch.allclose(lse[finite].double(), want_lse[finite], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(out[finite].double(), lagrange(outs)[finite], rtol=1e-4, atol=1e-4)
+    assert torch.equal(lse[~finite], lses[-1][~finite]) and torch.equal(out[~finite], outs[-1][~finite])
+
+
+@pytest.mark.parametrize("degree", [0, 1])
+def test_scheduled_tiles_full_steps_and_forecast(degree):
+    """Full passes exactly at the schedule's steps (dense output there), the layout fixed after the
+    leading full steps, and sparse passes equal to float64 attention over the kept tiles merged with
+    the forecast of the skipped tiles' part from the full passes (timestep clock)."""
+    from dit_accel.benchmarks import sparse_cached
+    from dit_accel.kernels.tile_order import tile_order
+
+    grid, state = (4, 16, 16), {}  # 8 tiles of 2x8x8
+    S = math.prod(grid)
+    method = sparse_cached.ScheduledTiles(keep=0.25, full_steps=(0, 1, 3, 5), forecast=degree, clock="timestep")
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    order = tile_order(grid)
+    skipped = {}  # step -> (output, lse) of float64 attention over the skipped keys
+    for step in range(7):
+        t = 1000.0 - 100.0 * step - 10.0 * step**2
+        call = attention_call(grid, step=step, state=state, timestep=t)
+        q, k, v = (torch.randn(1, 1, S, 16, generator=g) for _ in range(3))
+        q[..., 0] += 5.0
+        k[..., 0] += 5.0 * torch.rand(8, generator=g)[order.inverse // TILE]
+        out = method(q, k, v, None, call)
+        s = (q.double() @ k.double().transpose(-1, -2)) / 4.0
+        if step in (0, 1, 3, 5):
+            assert torch.allclose(out.double(), torch.softmax(s, -1) @ v.double(), atol=1e-4)
+            if step >= 1:
+                kept = method.tile_mask(state, 8)[0, 0]  # [query tile, key tile], tiled order
+                pos = order.index.long()
+                tile_of = torch.empty(S, dtype=torch.long)
+                tile_of[pos] = torch.arange(pos.numel()) // TILE
+                keep_pairs = kept[tile_of[:, None], tile_of[None, :]]
+            if step == 1:
+                layout = keep_pairs
+            else:
+                assert step == 0 or torch.equal(keep_pairs, layout)  # frozen after step 1
+            if step >= 1:
+                rest = s.masked_fill(keep_pairs, float("-inf"))
+                lse = torch.logsumexp(rest, -1)
+                skipped[step] = (torch.softmax(rest, -1) @ v.double(), lse, t)
+            continue
+        newest = [x for x in (1, 3, 5) if x < step][-degree - 1:]
+        if len(newest) == 1:
+            o_rest, l_rest = skipped[newest[0]][:2]
+        else:
+            (o0, l0, t0), (o1, l1, t1) = (skipped[x] for x in newest)
+            o_rest, l_rest = o1 + (t - t1) / (t1 - t0) * (o1 - o0), l1 + (t - t1) / (t1 - t0) * (l1 - l0)
+        live = s.masked_fill(~layout, float("-inf"))
+        l_live = torch.logsumexp(live, -1)
+        o_live = torch.softmax(live, -1) @ v.double()
+        m = torch.maximum(l_live, l_rest)
+        a, b = (l_live - m).exp()[..., None], (l_rest - m).exp()[..., None]
+        assert torch.allclose(out.double(), (a * o_live + b * o_rest) / (a + b), atol=1e-4), step
+    assert [x[2] for x in state["history"]] == [skipped[x][2] for x in (3, 5)[1 - degree:]]
 
 
 def test_cached_probe_frozen_layout_survives_refreshes():
