@@ -115,11 +115,17 @@ class ScheduledTiles(HeldTiles):
     through two, as ``extrapolate``; 2: the parabola through three). ``clock``: the variable of the
     forecast, ``"step"`` (the step index) or ``"timestep"`` (the scheduler's timestep, spaced
     unevenly: the last steps of a shifted flow-matching schedule are the longest). The layout is the
-    most weighted ``keep`` of the key tiles after the last of the leading full steps (0, 1, ...)."""
+    most weighted ``keep`` of the key tiles after the last of the leading full steps (0, 1, ...).
+
+    ``refresh_above`` (adaptive refresh, per layer and CFG branch): full passes also keep the kept
+    tiles' part; a sparse pass whose kept tiles' output misses its own forecast by more than this
+    (relative L2 over the call) also computes the skipped tiles, so it becomes a full pass (counted
+    as one) that renews the forecast. One host sync per sparse pass."""
 
     full_steps: tuple = (0, 1, 5, 8, 11, 14, 17)
     forecast: int = 1
     clock: str = "step"
+    refresh_above: float | None = None
 
     def __post_init__(self) -> None:
         self.full_steps = tuple(sorted(int(s) for s in self.full_steps))
@@ -128,6 +134,8 @@ class ScheduledTiles(HeldTiles):
         if self.forecast not in (0, 1, 2) or self.clock not in ("step", "timestep"):
             raise ValueError(f"ScheduledTiles(forecast={self.forecast}, clock={self.clock!r}): forecast 0, 1 or 2; "
                              "clock 'step' or 'timestep'")
+        if self.refresh_above is not None and not self.refresh_above >= 0:
+            raise ValueError(f"ScheduledTiles(refresh_above={self.refresh_above}): a relative error >= 0, or None")
         lead = 0
         while lead + 1 in self.full_steps:
             lead += 1
@@ -151,21 +159,42 @@ class ScheduledTiles(HeldTiles):
             if step <= self._freeze_at or "frozen" not in state:
                 self._update(state, gap, *state["full"], order, True, B * H)
                 state["blocks"], state["counts"] = state["frozen"] = (state["blocks"], state["counts"])
-                state["history"] = []  # a new layout: earlier passes cached other tiles
-            mask = self.tile_mask(state, n)
-            lens = order.tile_len.double()
-            state["pairs"] = float(torch.einsum("bhqk,q,k->", mask.double(), lens, lens))
-            blocks, counts = (t.to(query.device) for t in tiles_to_blocks(~mask))
-            rest, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
-                                               seq_index=order.index, return_lse=True)
-            older = state["history"][-self.forecast:] if self.forecast else []
-            state["history"] = [*older, (rest, _model_order(lse, order), at)]
+                state["history"], state["kept_history"] = [], []  # a new layout: earlier passes cached other tiles
+                mask = self.tile_mask(state, n)
+                lens = order.tile_len.double()
+                state["pairs"] = float(torch.einsum("bhqk,q,k->", mask.double(), lens, lens))
+                state["rest"] = tuple(t.to(query.device) for t in tiles_to_blocks(~mask))
+            kept = None
+            if self.refresh_above is not None:
+                kept = self._pass(query, key, value, order, state["blocks"], state["counts"])
+            self._remember(state, self._pass(query, key, value, order, *state["rest"]), kept, at)
             return out
-        rest, rest_lse = forecast(state["history"], at)
+        kept = self._pass(query, key, value, order, state["blocks"], state["counts"])
+        if self.refresh_above is not None and state["kept_history"]:
+            guess = forecast(state["kept_history"], at)[0].float()
+            miss = float((kept[0].float() - guess).norm() / kept[0].float().norm().clamp_min(1e-30))
+            if miss > self.refresh_above:  # the forecast has drifted: compute the skipped tiles too
+                self._count_full(order, B * H)
+                rest = self._pass(query, key, value, order, *state["rest"])
+                self._remember(state, rest, kept, at)
+                return merge(*kept, *rest)
         self._count(state["pairs"] / (B * H), order, B * H)
-        out, lse = block_sparse_attention(query, key, value, state["blocks"], state["counts"], tile_len=order.tile_len,
+        return merge(*kept, *forecast(state["history"], at))
+
+    @staticmethod
+    def _pass(query, key, value, order, blocks, counts):
+        """(output, log-sum-exp in model order) over the tiles of (blocks, counts)."""
+        out, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
                                           seq_index=order.index, return_lse=True)
-        return merge(out, _model_order(lse, order), rest, rest_lse)
+        return out, _model_order(lse, order)
+
+    def _remember(self, state: dict, rest, kept, at: float) -> None:
+        """Add a full pass's skipped (and, for the adaptive refresh, kept) tiles' part to the forecast's
+        history, keeping the last ``forecast + 1`` passes."""
+        for name, part in (("history", rest), ("kept_history", kept)):
+            if part is not None:
+                older = state[name][-self.forecast:] if self.forecast else []
+                state[name] = [*older, (*part, at)]
 
 
 def forecast(history, at: float):
@@ -217,6 +246,9 @@ def main(argv=None) -> None:
     ap.add_argument("--forecast", default="0,1,1t,2t",
                     help="with --schedules: comma-separated forecast orders 0/1/2, 't' for the timestep clock")
     ap.add_argument("--keep", type=float, default=0.05, help="with --schedules: share of key tiles in sparse passes")
+    ap.add_argument("--refresh-above", default="",
+                    help="with --schedules: comma-separated adaptive refresh thresholds (relative L2 miss of the kept "
+                         "tiles' forecast), each a variant; 'off' for none (default: off only)")
     args = ap.parse_args(argv)
     command = "python -m dit_accel.benchmarks.sparse_cached " + " ".join(argv or [])
     if args.schedules is not None:
@@ -241,17 +273,21 @@ def scheduled_variants(ap, args) -> list:
         schedules = [tuple(int(x) for x in sched.split(",")) for sched in args.schedules.split(";") if sched.strip()]
         forecasts = [(int(f.strip().rstrip("t")), "timestep" if f.strip().endswith("t") else "step")
                      for f in args.forecast.split(",") if f.strip()]
+        tols = [None if t.strip() == "off" else float(t) for t in (args.refresh_above or "off").split(",") if t.strip()]
     except ValueError:
-        ap.error(f"--schedules / --forecast: expected e.g. '0,1,5,8' and '0,1,1t,2t', got {args.schedules!r} and "
-                 f"{args.forecast!r}")
+        ap.error(f"--schedules / --forecast / --refresh-above: expected e.g. '0,1,5,8', '0,1,1t,2t' and 'off,0.1', "
+                 f"got {args.schedules!r}, {args.forecast!r} and {args.refresh_above!r}")
     variants = []
     for sched in schedules:
         for order, clock in forecasts:
-            def make(sched=sched, order=order, clock=clock):
-                return ScheduledTiles(keep=args.keep, full_steps=sched, forecast=order, clock=clock)
-            make()  # bad values fail before any generation
-            label = {"full_steps": ",".join(map(str, sched)), "keep": args.keep, "forecast": order, "clock": clock}
-            variants.append((label, make, contextlib.nullcontext))
+            for tol in tols:
+                def make(sched=sched, order=order, clock=clock, tol=tol):
+                    return ScheduledTiles(keep=args.keep, full_steps=sched, forecast=order, clock=clock,
+                                          refresh_above=tol)
+                make()  # bad values fail before any generation
+                label = {"full_steps": ",".join(map(str, sched)), "keep": args.keep, "forecast": order,
+                         "clock": clock, **({"refresh_above": tol} if args.refresh_above else {})}
+                variants.append((label, make, contextlib.nullcontext))
     return variants
 
 

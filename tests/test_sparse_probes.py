@@ -238,6 +238,31 @@ def test_scheduled_tiles_full_steps_and_forecast(degree):
     assert [x[2] for x in state["history"]] == [skipped[x][2] for x in (3, 5)[1 - degree:]]
 
 
+def test_scheduled_tiles_adaptive_refresh():
+    """refresh_above=0: every sparse pass misses its forecast, so every call is a full pass (dense output,
+    density 1); a threshold no miss reaches: the same outputs and density as without the check."""
+    from dit_accel.benchmarks import sparse_cached
+
+    grid = (4, 16, 16)
+    S = math.prod(grid)
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    inputs = [tuple(torch.randn(1, 2, S, 16, generator=g) for _ in range(3)) for _ in range(6)]
+    runs = {}
+    for tol in (0.0, 1e30, None):
+        method = sparse_cached.ScheduledTiles(keep=0.25, full_steps=(0, 1, 4), forecast=1, refresh_above=tol)
+        state, outs = {}, []
+        for step, (q, k, v) in enumerate(inputs):
+            outs.append(method(q, k, v, None, attention_call(grid, step=step, state=state)))
+        runs[tol] = outs, method.density()
+    for (q, k, v), out in zip(inputs, runs[0.0][0]):
+        want = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / 4.0, -1) @ v.double()
+        assert torch.allclose(out.double(), want, atol=1e-4)
+    assert runs[0.0][1] == 1.0 and runs[None][1] < 0.75
+    assert all(torch.equal(a, b) for a, b in zip(runs[1e30][0], runs[None][0])) and runs[1e30][1] == runs[None][1]
+    with pytest.raises(ValueError, match="refresh_above"):
+        sparse_cached.ScheduledTiles(refresh_above=-1.0)
+
+
 def test_cached_probe_frozen_layout_survives_refreshes():
     from dit_accel.benchmarks import sparse_cached
     from dit_accel.kernels.tile_order import tile_order
