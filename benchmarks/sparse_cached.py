@@ -27,6 +27,7 @@ Writes ``benchmarks/results/sparse-cached-<device>-<date>.json`` (or ``--out DIR
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -249,6 +250,9 @@ def main(argv=None) -> None:
     ap.add_argument("--refresh-above", default="",
                     help="with --schedules: comma-separated adaptive refresh thresholds (relative L2 miss of the kept "
                          "tiles' forecast), each a variant; 'off' for none (default: off only)")
+    ap.add_argument("--dense-layers", default="",
+                    help="with --schedules: ';'-separated sets of transformer blocks that run dense at every step, "
+                         "each a variant, e.g. '0;7;0,7' ('none' for the empty set; default: none only)")
     args = ap.parse_args(argv)
     command = "python -m dit_accel.benchmarks.sparse_cached " + " ".join(argv or [])
     if args.schedules is not None:
@@ -274,19 +278,23 @@ def scheduled_variants(ap, args) -> list:
         forecasts = [(int(f.strip().rstrip("t")), "timestep" if f.strip().endswith("t") else "step")
                      for f in args.forecast.split(",") if f.strip()]
         tols = [None if t.strip() == "off" else float(t) for t in (args.refresh_above or "off").split(",") if t.strip()]
+        layer_sets = [() if sel.strip() == "none" else tuple(int(i) for i in sel.split(","))
+                      for sel in (args.dense_layers or "none").split(";") if sel.strip()]
     except ValueError:
-        ap.error(f"--schedules / --forecast / --refresh-above: expected e.g. '0,1,5,8', '0,1,1t,2t' and 'off,0.1', "
-                 f"got {args.schedules!r}, {args.forecast!r} and {args.refresh_above!r}")
+        ap.error(f"--schedules / --forecast / --refresh-above / --dense-layers: expected e.g. '0,1,5,8', '0,1,1t,2t', "
+                 f"'off,0.1' and '0;7', got {args.schedules!r}, {args.forecast!r}, {args.refresh_above!r} and "
+                 f"{args.dense_layers!r}")
     variants = []
     for sched in schedules:
         for order, clock in forecasts:
-            for tol in tols:
-                def make(sched=sched, order=order, clock=clock, tol=tol):
+            for tol, layers in itertools.product(tols, layer_sets):
+                def make(sched=sched, order=order, clock=clock, tol=tol, layers=layers):
                     return ScheduledTiles(keep=args.keep, full_steps=sched, forecast=order, clock=clock,
-                                          refresh_above=tol)
+                                          refresh_above=tol, dense_layers=layers)
                 make()  # bad values fail before any generation
                 label = {"full_steps": ",".join(map(str, sched)), "keep": args.keep, "forecast": order,
-                         "clock": clock, **({"refresh_above": tol} if args.refresh_above else {})}
+                         "clock": clock, **({"refresh_above": tol} if args.refresh_above else {}),
+                         **({"dense_layers": ",".join(map(str, layers))} if args.dense_layers else {})}
                 variants.append((label, make, contextlib.nullcontext))
     return variants
 
