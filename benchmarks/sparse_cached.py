@@ -3,6 +3,7 @@ dense on the ShapesBench reference model?
 
     python -m dit_accel.benchmarks.sparse_cached                    # GPU, 64 held-out prompts
     python -m dit_accel.benchmarks.sparse_cached --prompts 1 --steps 4 --configs "keep 0.3, refresh off"   # smoke
+    python -m dit_accel.benchmarks.sparse_cached --schedules "0,1,2,5,9,13,17" --forecast 0,1   # ScheduledTiles
 
 The reference model attends broadly, so the tiles a sparse pass skips carry much of the attention
 mass (``sparse_quality.py``). Here a `TemporalSparse` held at a fixed share of key tiles (the most
@@ -20,6 +21,12 @@ tiles' output and log-sum-exp; one more output and log-sum-exp in memory). Densi
 full passes as 1 and sparse passes by their layout (the extra pass at a full step is not counted: a
 full pass split in two does the same work). Memory: one output and one log-sum-exp (``delta``: one
 float32 output) per layer and CFG branch.
+
+``--schedules`` runs `ScheduledTiles` instead: full passes at the listed steps only, the layout frozen
+after the leading full steps, and the skipped tiles' part forecast by the polynomial through the last
+one, two or three full passes (``--forecast``: 0, 1, 2; a ``t`` suffix forecasts in the scheduler's
+timestep instead of the step index), optionally with an adaptive extra full pass per layer and CFG
+branch (``--refresh-above``) or some blocks dense throughout (``--dense-layers``).
 
 Writes ``benchmarks/results/sparse-cached-<device>-<date>.json`` (or ``--out DIR``).
 """
