@@ -18,7 +18,7 @@ import argparse
 import sys
 
 import torch
-from dit_accel.benchmarks.report import cuda_time_ms, median, print_table, write_result
+from dit_accel.benchmarks.report import command_line, cuda_time_ms, median, print_table, write_result
 
 import dit_accel
 
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     ]
     print_table(rows, ["call", "ms", "extra_vs_one_forward"])
     args_given = argv if argv is not None else sys.argv[1:]
-    payload = {"command": "python -m dit_accel.benchmarks.guidance " + " ".join(args_given),
+    payload = {"command": command_line("dit_accel.benchmarks.guidance", args_given),
                "model": "FluxTransformer2DModel, FLUX.1-dev config, random weights, bf16",
                "size": args.size, "image_tokens": (args.size // 16) ** 2, "text_tokens": 512, "heads": HEADS,
                "target": "(guided - stock) / stock <= 1.05", "rows": rows,

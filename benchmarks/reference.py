@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from dit_accel.benchmarks.report import (
     RESULTS,
+    command_line,
     device_tag,
     environment,
     median,
@@ -186,7 +187,7 @@ def main(argv=None) -> None:
     name = "reference" if parts != ["speed"] else "reference-speed"
     if (args.guidance, args.steps) != (DEFAULT_GUIDANCE, DEFAULT_STEPS):
         name = f"reference-cfg{args.guidance:g}-steps{args.steps}"
-    payload: dict = {"command": "python -m dit_accel.benchmarks.reference " + " ".join(argv or []),
+    payload: dict = {"command": command_line("dit_accel.benchmarks.reference", argv),
                      "dtype": str(pipe.transformer.dtype)}
     if "quality" in parts:
         payload["quality"] = quality(pipe, device, args.prompts, args.batch, tag, args.steps, args.guidance, args.out,

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 from pathlib import Path
@@ -16,6 +17,12 @@ import torch
 from dit_accel.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def command_line(module: str, argv) -> str:
+    """The shell command that reruns ``python -m module`` with ``argv``, quoted where needed (a
+    ``--configs "a;b"`` list stays one argument)."""
+    return f"python -m {module} {shlex.join(argv or [])}".rstrip()
 
 
 def _version(dist: str) -> str | None:

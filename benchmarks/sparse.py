@@ -23,7 +23,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from dit_accel.benchmarks.report import cuda_time_ms, median, print_table, write_result
+from dit_accel.benchmarks.report import command_line, cuda_time_ms, median, print_table, write_result
 from dit_accel.kernels.block_sparse import (
     LAUNCH_DEFAULTS,
     TILE,
@@ -633,7 +633,7 @@ def main(argv=None) -> None:
         print_table(best, ["shape", "density", "ideal", "method", "ms", "baseline_ms", "ratio", "ratio_interleaved",
                            "max_abs_err", "config", "note"])
     args_given = argv if argv is not None else sys.argv[1:]
-    payload = {"command": "python -m dit_accel.benchmarks.sparse " + " ".join(args_given),
+    payload = {"command": command_line("dit_accel.benchmarks.sparse", args_given),
                "dtype": "bfloat16", "batch": 1, "tile": TILE,
                "shapes": {k: dict(grid=g, text=t, heads=h, head_dim=d) for k, (g, t, h, d) in SHAPES.items()
                           if k in shapes},

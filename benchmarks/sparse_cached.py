@@ -38,6 +38,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+from dit_accel.benchmarks.report import command_line
 from dit_accel.benchmarks.sparse_pooled import merge, probe_configs, probe_parser, run_probe
 from dit_accel.kernels.block_sparse import TILE, _tile_len_mask, block_sparse_attention, tiles_to_blocks
 from dit_accel.methods.sparse import _full_layout
@@ -261,7 +262,7 @@ def main(argv=None) -> None:
                     help="with --schedules: ';'-separated sets of transformer blocks that run dense at every step, "
                          "each a variant, e.g. '0;7;0,7' ('none' for the empty set; default: none only)")
     args = ap.parse_args(argv)
-    command = "python -m dit_accel.benchmarks.sparse_cached " + " ".join(argv or [])
+    command = command_line("dit_accel.benchmarks.sparse_cached", argv)
     if args.schedules is not None:
         run_probe(args, scheduled_variants(ap, args), command)
         return

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from dit_accel.benchmarks.reference import _generate
-from dit_accel.benchmarks.report import print_table
+from dit_accel.benchmarks.report import command_line, print_table
 from dit_accel.benchmarks.sparse_pooled import probe_configs, probe_parser, run_probe
 from dit_accel.kernels.block_sparse import TILE, tiles_to_blocks
 from dit_accel.kernels.tile_order import TileOrder, tile_order
@@ -243,7 +243,7 @@ def main(argv=None) -> None:
         extra["recall"] = recall(pipe, device, args.recall_prompts, args.recall_prompts, args.steps)
         print_table(extra["recall"], list(extra["recall"][0]))
     variants = [({"config": name}, CONFIGS[name], contextlib.nullcontext) for name in names]
-    command = "python -m dit_accel.benchmarks.sparse_oracle " + " ".join(argv or [])
+    command = command_line("dit_accel.benchmarks.sparse_oracle", argv)
     run_probe(args, variants if "generate" in parts else [], command, pipe, extra)
 
 

@@ -25,7 +25,7 @@ import contextlib
 
 import torch
 from dit_accel.benchmarks.reference import _generate
-from dit_accel.benchmarks.report import print_table, write_result
+from dit_accel.benchmarks.report import command_line, print_table, write_result
 from dit_accel.benchmarks.sparse_quality import fidelity
 from dit_accel.evals import shapes as checker
 from dit_accel.kernels.block_sparse import TILE, _tile_len_mask, blocks_to_mask
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     variants = [({"config": name, "pooled_estimate": pooled}, CONFIGS[name],
                  with_pooled_estimate if pooled else contextlib.nullcontext)
                 for name in names for pooled in (False, True)]
-    run_probe(args, variants, "python -m dit_accel.benchmarks.sparse_pooled " + " ".join(argv or []))
+    run_probe(args, variants, command_line("dit_accel.benchmarks.sparse_pooled", argv))
 
 
 if __name__ == "__main__":

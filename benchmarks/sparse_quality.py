@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 from dit_accel.benchmarks.reference import _generate
-from dit_accel.benchmarks.report import print_table, write_result
+from dit_accel.benchmarks.report import command_line, print_table, write_result
 from dit_accel.evals import shapes as checker
 from dit_accel.evals.metrics import psnr, ssim
 from dit_accel.pipelines import load_reference
@@ -133,7 +133,7 @@ def main(argv=None) -> None:
     result = run(pipe, device, held_out_suite(args.prompts), args.batch, args.steps, methods)
     print_table(result["rows"], ["config", "density", "psnr", "psnr_min", "ssim", "color", "shape", "motion",
                                  "seconds", "meets_bars"])
-    payload = {"command": "python -m dit_accel.benchmarks.sparse_quality " + " ".join(argv or []),
+    payload = {"command": command_line("dit_accel.benchmarks.sparse_quality", argv),
                "model": args.model or "shipped reference", "dtype": str(pipe.transformer.dtype), **result}
     print(f"wrote {write_result('sparse-quality', payload, args.out)}")
 

@@ -283,3 +283,16 @@ def test_cached_probe_frozen_layout_survives_refreshes():
         layouts.append(state["blocks"].clone())
     assert all(torch.equal(b, layouts[1]) for b in layouts[1:])  # fixed from the last warm-up step on
     assert [s for *_, s in state["history"]] == [4, 6]
+
+
+def test_recorded_command_reruns_with_the_same_arguments():
+    """A probe's recorded command splits back into its argv (';'-lists, spaces and quotes included)."""
+    import shlex
+
+    from dit_accel.benchmarks.report import command_line
+
+    argv = ["--schedules", "0,1,2;0,1,5", "--configs", "keep 0.05, refresh every 3;x'y", "--keep", "0.05"]
+    words = shlex.split(command_line("dit_accel.benchmarks.sparse_cached", argv))
+    assert words[:3] == ["python", "-m", "dit_accel.benchmarks.sparse_cached"] and words[3:] == argv
+    bare = command_line("dit_accel.benchmarks.sparse", None)
+    assert shlex.split(bare) == ["python", "-m", "dit_accel.benchmarks.sparse"]
