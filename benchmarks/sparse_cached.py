@@ -129,12 +129,14 @@ class ScheduledTiles(HeldTiles):
     ``refresh_above`` (adaptive refresh, per layer and CFG branch): full passes also keep the kept
     tiles' part; a sparse pass whose kept tiles' output misses its own forecast by more than this
     (relative L2 over the call) also computes the skipped tiles, so it becomes a full pass (counted
-    as one) that renews the forecast. One host sync per sparse pass."""
+    as one) that renews the forecast. One host sync per sparse pass. ``damp`` scales the forecast's
+    change from the newest full pass (1: the polynomial itself)."""
 
     full_steps: tuple = (0, 1, 5, 8, 11, 14, 17)
     forecast: int = 1
     clock: str = "step"
     refresh_above: float | None = None
+    damp: float = 1.0
 
     def __post_init__(self) -> None:
         self.full_steps = tuple(sorted(int(s) for s in self.full_steps))
@@ -180,7 +182,7 @@ class ScheduledTiles(HeldTiles):
             return out
         kept = self._pass(query, key, value, order, state["blocks"], state["counts"])
         if self.refresh_above is not None and state["kept_history"]:
-            guess = forecast(state["kept_history"], at)[0].float()
+            guess = forecast(state["kept_history"], at, self.damp)[0].float()
             miss = float((kept[0].float() - guess).norm() / kept[0].float().norm().clamp_min(1e-30))
             if miss > self.refresh_above:  # the forecast has drifted: compute the skipped tiles too
                 self._count_full(order, B * H)
@@ -188,7 +190,7 @@ class ScheduledTiles(HeldTiles):
                 self._remember(state, rest, kept, at)
                 return merge(*kept, *rest)
         self._count(state["pairs"] / (B * H), order, B * H)
-        return merge(*kept, *forecast(state["history"], at))
+        return merge(*kept, *forecast(state["history"], at, self.damp))
 
     @staticmethod
     def _pass(query, key, value, order, blocks, counts):
@@ -206,10 +208,10 @@ class ScheduledTiles(HeldTiles):
                 state[name] = [*older, (*part, at)]
 
 
-def forecast(history, at: float):
+def forecast(history, at: float, damp: float = 1.0):
     """The (output, log-sum-exp) at ``at`` of the polynomial through the ``(output, lse, clock)``
-    passes of ``history`` (Newton's form; one pass: that pass); rows where any pass skipped nothing
-    (lse -inf) keep the newest pass's values."""
+    passes of ``history`` (Newton's form; one pass: that pass), its change from the newest pass
+    scaled by ``damp``; rows where any pass skipped nothing (lse -inf) keep the newest pass's values."""
     xs = [h[2] for h in history]
     newest_out, newest_lse = history[-1][0].float(), history[-1][1]
     if len(history) == 1:
@@ -218,6 +220,8 @@ def forecast(history, at: float):
     outs = [h[0].float() for h in history]
     lses = [torch.where(finite, h[1], 0.0) for h in history]
     out, lse = _newton(outs, xs, at), _newton(lses, xs, at)
+    if damp != 1.0:
+        out, lse = outs[-1] + damp * (out - outs[-1]), lses[-1] + damp * (lse - lses[-1])
     lse = torch.where(finite, lse, newest_lse)
     out = torch.where(finite[..., None], out, newest_out)
     return out.to(history[-1][0].dtype), lse
@@ -261,6 +265,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dense-layers", default="",
                     help="with --schedules: ';'-separated sets of transformer blocks that run dense at every step, "
                          "each a variant, e.g. '0;7;0,7' ('none' for the empty set; default: none only)")
+    ap.add_argument("--damp", default="1", help="with --schedules: comma-separated factors on the forecast's change "
+                                                 "from the newest full pass, each a variant")
     args = ap.parse_args(argv)
     command = command_line("dit_accel.benchmarks.sparse_cached", argv)
     if args.schedules is not None:
@@ -288,21 +294,23 @@ def scheduled_variants(ap, args) -> list:
         tols = [None if t.strip() == "off" else float(t) for t in (args.refresh_above or "off").split(",") if t.strip()]
         layer_sets = [() if sel.strip() == "none" else tuple(int(i) for i in sel.split(","))
                       for sel in (args.dense_layers or "none").split(";") if sel.strip()]
+        damps = [float(d) for d in args.damp.split(",") if d.strip()]
     except ValueError:
-        ap.error(f"--schedules / --forecast / --refresh-above / --dense-layers: expected e.g. '0,1,5,8', '0,1,1t,2t', "
-                 f"'off,0.1' and '0;7', got {args.schedules!r}, {args.forecast!r}, {args.refresh_above!r} and "
-                 f"{args.dense_layers!r}")
+        ap.error(f"--schedules / --forecast / --refresh-above / --dense-layers / --damp: expected e.g. '0,1,5,8', "
+                 f"'0,1,1t,2t', 'off,0.1', '0;7' and '0.5,1', got {args.schedules!r}, {args.forecast!r}, "
+                 f"{args.refresh_above!r}, {args.dense_layers!r} and {args.damp!r}")
     variants = []
     for sched in schedules:
         for order, clock in forecasts:
-            for tol, layers in itertools.product(tols, layer_sets):
-                def make(sched=sched, order=order, clock=clock, tol=tol, layers=layers):
+            for tol, layers, damp in itertools.product(tols, layer_sets, damps):
+                def make(sched=sched, order=order, clock=clock, tol=tol, layers=layers, damp=damp):
                     return ScheduledTiles(keep=args.keep, full_steps=sched, forecast=order, clock=clock,
-                                          refresh_above=tol, dense_layers=layers)
+                                          refresh_above=tol, dense_layers=layers, damp=damp)
                 make()  # bad values fail before any generation
                 label = {"full_steps": ",".join(map(str, sched)), "keep": args.keep, "forecast": order,
                          "clock": clock, **({"refresh_above": tol} if args.refresh_above else {}),
-                         **({"dense_layers": ",".join(map(str, layers))} if args.dense_layers else {})}
+                         **({"dense_layers": ",".join(map(str, layers))} if args.dense_layers else {}),
+                         **({"damp": damp} if args.damp != "1" else {})}
                 variants.append((label, make, contextlib.nullcontext))
     return variants
 

@@ -182,6 +182,9 @@ def test_scheduled_forecast_is_the_polynomial_through_the_passes(passes):
     assert torch.allclose(lse[finite].double(), want_lse[finite], rtol=1e-4, atol=1e-4)
     assert torch.allclose(out[finite].double(), lagrange(outs)[finite], rtol=1e-4, atol=1e-4)
     assert torch.equal(lse[~finite], lses[-1][~finite]) and torch.equal(out[~finite], outs[-1][~finite])
+    half, half_lse = sparse_cached.forecast(list(zip(outs, lses, xs)), at, damp=0.5)  # halfway to the newest pass
+    assert torch.allclose(half[finite].double(), (lagrange(outs) + outs[-1].double())[finite] / 2, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(half_lse[finite].double(), (want_lse + lses[-1].double())[finite] / 2, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("degree", [0, 1])
