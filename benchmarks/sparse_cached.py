@@ -41,9 +41,10 @@ import torch
 from dit_accel.benchmarks.report import command_line
 from dit_accel.benchmarks.sparse_pooled import merge, probe_configs, probe_parser, run_probe
 from dit_accel.kernels.block_sparse import TILE, _tile_len_mask, block_sparse_attention, tiles_to_blocks
+from dit_accel.kernels.tile_order import window_tiles
 from dit_accel.methods.sparse import _full_layout
 
-from dit_accel import TemporalSparse
+from dit_accel import Neighborhood, TemporalSparse
 
 
 def _model_order(lse, order) -> torch.Tensor:
@@ -130,13 +131,16 @@ class ScheduledTiles(HeldTiles):
     tiles' part; a sparse pass whose kept tiles' output misses its own forecast by more than this
     (relative L2 over the call) also computes the skipped tiles, so it becomes a full pass (counted
     as one) that renews the forecast. One host sync per sparse pass. ``damp`` scales the forecast's
-    change from the newest full pass (1: the polynomial itself)."""
+    change from the newest full pass (1: the polynomial itself). ``window``: visit `Neighborhood`'s
+    window of tiles (padded 3D tiles, as `Neighborhood` lays them out) instead of the most weighted
+    ``keep`` of them between full passes."""
 
     full_steps: tuple = (0, 1, 5, 8, 11, 14, 17)
     forecast: int = 1
     clock: str = "step"
     refresh_above: float | None = None
     damp: float = 1.0
+    window: tuple | None = None
 
     def __post_init__(self) -> None:
         self.full_steps = tuple(sorted(int(s) for s in self.full_steps))
@@ -147,6 +151,9 @@ class ScheduledTiles(HeldTiles):
                              "clock 'step' or 'timestep'")
         if self.refresh_above is not None and not self.refresh_above >= 0:
             raise ValueError(f"ScheduledTiles(refresh_above={self.refresh_above}): a relative error >= 0, or None")
+        if self.window is not None:
+            self._neighborhood = Neighborhood(window=self.window)  # checks the window
+            self.packed = False
         lead = 0
         while lead + 1 in self.full_steps:
             lead += 1
@@ -168,7 +175,11 @@ class ScheduledTiles(HeldTiles):
             self._count_full(order, B * H)
             out, gap = self._attend(query, key, value, order, state, *state["full"], True)
             if step <= self._freeze_at or "frozen" not in state:
-                self._update(state, gap, *state["full"], order, True, B * H)
+                if self.window is None:
+                    self._update(state, gap, *state["full"], order, True, B * H)
+                else:
+                    tiles = window_tiles(order, self._neighborhood.window_tokens(order.grid))[None, None]
+                    state["blocks"], state["counts"] = (t.to(query.device) for t in tiles_to_blocks(tiles))
                 state["blocks"], state["counts"] = state["frozen"] = (state["blocks"], state["counts"])
                 state["history"], state["kept_history"] = [], []  # a new layout: earlier passes cached other tiles
                 mask = self.tile_mask(state, n)
@@ -265,6 +276,9 @@ def main(argv=None) -> None:
     ap.add_argument("--dense-layers", default="",
                     help="with --schedules: ';'-separated sets of transformer blocks that run dense at every step, "
                          "each a variant, e.g. '0;7;0,7' ('none' for the empty set; default: none only)")
+    ap.add_argument("--window", default="",
+                    help="with --schedules: ';'-separated Neighborhood windows 't,h,w' (tokens, or fractions of the "
+                         "grid) visited between full passes instead of the --keep share, each a variant")
     ap.add_argument("--damp", default="1", help="with --schedules: comma-separated factors on the forecast's change "
                                                  "from the newest full pass, each a variant")
     args = ap.parse_args(argv)
@@ -295,22 +309,26 @@ def scheduled_variants(ap, args) -> list:
         layer_sets = [() if sel.strip() == "none" else tuple(int(i) for i in sel.split(","))
                       for sel in (args.dense_layers or "none").split(";") if sel.strip()]
         damps = [float(d) for d in args.damp.split(",") if d.strip()]
+        windows = [tuple(float(x) if "." in x else int(x) for x in w.split(",")) for w in args.window.split(";")
+                   if w.strip()] or [None]
     except ValueError:
-        ap.error(f"--schedules / --forecast / --refresh-above / --dense-layers / --damp: expected e.g. '0,1,5,8', "
-                 f"'0,1,1t,2t', 'off,0.1', '0;7' and '0.5,1', got {args.schedules!r}, {args.forecast!r}, "
-                 f"{args.refresh_above!r}, {args.dense_layers!r} and {args.damp!r}")
+        ap.error(f"--schedules / --forecast / --refresh-above / --dense-layers / --damp / --window: expected e.g. "
+                 f"'0,1,5,8', '0,1,1t,2t', 'off,0.1', '0;7', '0.5,1' and '1,1,1;0.25,0.5,0.5', got {args.schedules!r}, "
+                 f"{args.forecast!r}, {args.refresh_above!r}, {args.dense_layers!r}, {args.damp!r} and "
+                 f"{args.window!r}")
     variants = []
     for sched in schedules:
         for order, clock in forecasts:
-            for tol, layers, damp in itertools.product(tols, layer_sets, damps):
-                def make(sched=sched, order=order, clock=clock, tol=tol, layers=layers, damp=damp):
+            for tol, layers, damp, window in itertools.product(tols, layer_sets, damps, windows):
+                def make(sched=sched, order=order, clock=clock, tol=tol, layers=layers, damp=damp, window=window):
                     return ScheduledTiles(keep=args.keep, full_steps=sched, forecast=order, clock=clock,
-                                          refresh_above=tol, dense_layers=layers, damp=damp)
+                                          refresh_above=tol, dense_layers=layers, damp=damp, window=window)
                 make()  # bad values fail before any generation
                 label = {"full_steps": ",".join(map(str, sched)), "keep": args.keep, "forecast": order,
                          "clock": clock, **({"refresh_above": tol} if args.refresh_above else {}),
                          **({"dense_layers": ",".join(map(str, layers))} if args.dense_layers else {}),
-                         **({"damp": damp} if args.damp != "1" else {})}
+                         **({"damp": damp} if args.damp != "1" else {}),
+                         **({"window": list(window)} if window is not None else {})}
                 variants.append((label, make, contextlib.nullcontext))
     return variants
 

@@ -187,8 +187,8 @@ def test_scheduled_forecast_is_the_polynomial_through_the_passes(passes):
     assert torch.allclose(half_lse[finite].double(), (want_lse + lses[-1].double())[finite] / 2, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("degree", [0, 1])
-def test_scheduled_tiles_full_steps_and_forecast(degree):
+@pytest.mark.parametrize("degree, window", [(0, None), (1, None), (1, (1, 1, 1))])
+def test_scheduled_tiles_full_steps_and_forecast(degree, window):
     """Full passes exactly at the schedule's steps (dense output there), the layout fixed after the
     leading full steps, and sparse passes equal to float64 attention over the kept tiles merged with
     the forecast of the skipped tiles' part from the full passes (timestep clock)."""
@@ -197,7 +197,8 @@ def test_scheduled_tiles_full_steps_and_forecast(degree):
 
     grid, state = (4, 16, 16), {}  # 8 tiles of 2x8x8
     S = math.prod(grid)
-    method = sparse_cached.ScheduledTiles(keep=0.25, full_steps=(0, 1, 3, 5), forecast=degree, clock="timestep")
+    method = sparse_cached.ScheduledTiles(keep=0.25, full_steps=(0, 1, 3, 5), forecast=degree, clock="timestep",
+                                          window=window)
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     order = tile_order(grid)
     skipped = {}  # step -> (output, lse) of float64 attention over the skipped keys
@@ -213,6 +214,8 @@ def test_scheduled_tiles_full_steps_and_forecast(degree):
             assert torch.allclose(out.double(), torch.softmax(s, -1) @ v.double(), atol=1e-4)
             if step >= 1:
                 kept = method.tile_mask(state, 8)[0, 0]  # [query tile, key tile], tiled order
+                if window is not None:  # a one-token window is each 3D tile's own tile
+                    assert torch.equal(kept, torch.eye(8, dtype=torch.bool))
                 pos = order.index.long()
                 tile_of = torch.empty(S, dtype=torch.long)
                 tile_of[pos] = torch.arange(pos.numel()) // TILE
