@@ -184,7 +184,8 @@ class ScheduledTiles(HeldTiles):
                 state["history"], state["kept_history"] = [], []  # a new layout: earlier passes cached other tiles
                 mask = self.tile_mask(state, n)
                 lens = order.tile_len.double()
-                state["pairs"] = float(torch.einsum("bhqk,q,k->", mask.double(), lens, lens))
+                # pairs per attention row of one (batch, head): the layout's leading dims may be 1 (a window)
+                state["pairs"] = float(torch.einsum("bhqk,q,k->", mask.double(), lens, lens)) / mask.shape[:2].numel()
                 state["rest"] = tuple(t.to(query.device) for t in tiles_to_blocks(~mask))
             kept = None
             if self.refresh_above is not None:
@@ -200,7 +201,7 @@ class ScheduledTiles(HeldTiles):
                 rest = self._pass(query, key, value, order, *state["rest"])
                 self._remember(state, rest, kept, at)
                 return merge(*kept, *rest)
-        self._count(state["pairs"] / (B * H), order, B * H)
+        self._count(state["pairs"], order, B * H)
         return merge(*kept, *forecast(state["history"], at, self.damp))
 
     @staticmethod
