@@ -318,19 +318,18 @@ def scheduled_variants(ap, args) -> list:
                  f"{args.forecast!r}, {args.refresh_above!r}, {args.dense_layers!r}, {args.damp!r} and "
                  f"{args.window!r}")
     variants = []
-    for sched in schedules:
-        for order, clock in forecasts:
-            for tol, layers, damp, window in itertools.product(tols, layer_sets, damps, windows):
-                def make(sched=sched, order=order, clock=clock, tol=tol, layers=layers, damp=damp, window=window):
-                    return ScheduledTiles(keep=args.keep, full_steps=sched, forecast=order, clock=clock,
-                                          refresh_above=tol, dense_layers=layers, damp=damp, window=window)
-                make()  # bad values fail before any generation
-                label = {"full_steps": ",".join(map(str, sched)), "keep": args.keep, "forecast": order,
-                         "clock": clock, **({"refresh_above": tol} if args.refresh_above else {}),
-                         **({"dense_layers": ",".join(map(str, layers))} if args.dense_layers else {}),
-                         **({"damp": damp} if args.damp != "1" else {}),
-                         **({"window": list(window)} if window is not None else {})}
-                variants.append((label, make, contextlib.nullcontext))
+    for sched, (order, clock), tol, layers, damp, window in itertools.product(schedules, forecasts, tols, layer_sets,
+                                                                              damps, windows):
+        def make(sched=sched, order=order, clock=clock, tol=tol, layers=layers, damp=damp, window=window):
+            return ScheduledTiles(keep=args.keep, full_steps=sched, forecast=order, clock=clock, refresh_above=tol,
+                                  dense_layers=layers, damp=damp, window=window)
+        make()  # bad values fail before any generation
+        label = {"full_steps": ",".join(map(str, sched)), "keep": args.keep, "forecast": order, "clock": clock,
+                 **({"refresh_above": tol} if args.refresh_above else {}),
+                 **({"dense_layers": ",".join(map(str, layers))} if args.dense_layers else {}),
+                 **({"damp": damp} if args.damp != "1" else {}),
+                 **({"window": list(window)} if window is not None else {})}
+        variants.append((label, make, contextlib.nullcontext))
     return variants
 
 
