@@ -86,19 +86,13 @@ class HeldTiles(TemporalSparse):
                 state["blocks"], state["counts"] = state["frozen"]
             elif frozen and step >= self.warmup_steps - 1:
                 state["frozen"] = (state["blocks"], state["counts"])
-            n = order.tile_len.numel()
-            mask = self.tile_mask(state, n)
-            lens = order.tile_len.double()
-            pairs = float(torch.einsum("bhqk,q,k->", mask.double(), lens, lens))
+            pairs, skipped = self._split(state, order, query.device)
             if self.reuse == "delta":
                 kept = block_sparse_attention(query, key, value, state["blocks"], state["counts"],
                                               tile_len=order.tile_len, seq_index=order.index)
                 state["cached"] = (out.float() - kept.float(), None, pairs)
                 return out
-            blocks, counts = (t.to(query.device) for t in tiles_to_blocks(~mask))
-            rest, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
-                                               seq_index=order.index, return_lse=True)
-            lse = _model_order(lse, order)
+            rest, lse = self._pass(query, key, value, order, *skipped)
             state["cached"] = (rest, lse, pairs)
             if frozen and "frozen" in state:  # the last two full passes over the same skipped tiles
                 state["history"] = [*state.get("history", [])[-1:], (rest, lse, step)]
@@ -107,14 +101,28 @@ class HeldTiles(TemporalSparse):
         if self.reuse == "extrapolate" and len(state.get("history", ())) == 2:
             rest, rest_lse = forecast(state["history"], step)
         B, H = query.shape[:2]
-        self._count(pairs / (B * H), order, B * H)
+        self._count(pairs, order, B * H)
         if self.reuse == "delta":
             out = block_sparse_attention(query, key, value, state["blocks"], state["counts"], tile_len=order.tile_len,
                                          seq_index=order.index)
             return (out.float() + rest).to(out.dtype)
-        out, lse = block_sparse_attention(query, key, value, state["blocks"], state["counts"], tile_len=order.tile_len,
+        return merge(*self._pass(query, key, value, order, state["blocks"], state["counts"]), rest, rest_lse)
+
+    def _split(self, state: dict, order, device):
+        """(token pairs per attention row of one (batch, head) that the layout in ``state`` visits,
+        and the complement layout ``(blocks, counts)``: the tiles it skips). The layout's batch and
+        head dims may be 1 (a window shared by every row)."""
+        mask = self.tile_mask(state, order.tile_len.numel())
+        lens = order.tile_len.double()
+        pairs = float(torch.einsum("bhqk,q,k->", mask.double(), lens, lens)) / mask.shape[:2].numel()
+        return pairs, tuple(t.to(device) for t in tiles_to_blocks(~mask))
+
+    @staticmethod
+    def _pass(query, key, value, order, blocks, counts):
+        """(output, log-sum-exp in model order) over the tiles of (blocks, counts)."""
+        out, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
                                           seq_index=order.index, return_lse=True)
-        return merge(out, _model_order(lse, order), rest, rest_lse)
+        return out, _model_order(lse, order)
 
 
 @dataclass
@@ -158,7 +166,6 @@ class ScheduledTiles(HeldTiles):
         while lead + 1 in self.full_steps:
             lead += 1
         self._freeze_at = lead
-        self.reuse, self.refresh_every, self.warmup_steps = "extrapolate", 0, lead + 1
         super().__post_init__()
 
     def __call__(self, query, key, value, attn_mask, call=None):
@@ -182,11 +189,7 @@ class ScheduledTiles(HeldTiles):
                     state["blocks"], state["counts"] = (t.to(query.device) for t in tiles_to_blocks(tiles))
                 state["blocks"], state["counts"] = state["frozen"] = (state["blocks"], state["counts"])
                 state["history"], state["kept_history"] = [], []  # a new layout: earlier passes cached other tiles
-                mask = self.tile_mask(state, n)
-                lens = order.tile_len.double()
-                # pairs per attention row of one (batch, head): the layout's leading dims may be 1 (a window)
-                state["pairs"] = float(torch.einsum("bhqk,q,k->", mask.double(), lens, lens)) / mask.shape[:2].numel()
-                state["rest"] = tuple(t.to(query.device) for t in tiles_to_blocks(~mask))
+                state["pairs"], state["rest"] = self._split(state, order, query.device)
             kept = None
             if self.refresh_above is not None:
                 kept = self._pass(query, key, value, order, state["blocks"], state["counts"])
@@ -204,13 +207,6 @@ class ScheduledTiles(HeldTiles):
         self._count(state["pairs"], order, B * H)
         return merge(*kept, *forecast(state["history"], at, self.damp))
 
-    @staticmethod
-    def _pass(query, key, value, order, blocks, counts):
-        """(output, log-sum-exp in model order) over the tiles of (blocks, counts)."""
-        out, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
-                                          seq_index=order.index, return_lse=True)
-        return out, _model_order(lse, order)
-
     def _remember(self, state: dict, rest, kept, at: float) -> None:
         """Add a full pass's skipped (and, for the adaptive refresh, kept) tiles' part to the forecast's
         history, keeping the last ``forecast + 1`` passes."""
@@ -224,18 +220,17 @@ def forecast(history, at: float, damp: float = 1.0):
     """The (output, log-sum-exp) at ``at`` of the polynomial through the ``(output, lse, clock)``
     passes of ``history`` (Newton's form; one pass: that pass), its change from the newest pass
     scaled by ``damp``; rows where any pass skipped nothing (lse -inf) keep the newest pass's values."""
-    xs = [h[2] for h in history]
-    newest_out, newest_lse = history[-1][0].float(), history[-1][1]
     if len(history) == 1:
-        return history[-1][0], newest_lse
+        return history[-1][:2]
+    xs = [h[2] for h in history]
     finite = torch.stack([torch.isfinite(h[1]) for h in history]).all(0)
     outs = [h[0].float() for h in history]
     lses = [torch.where(finite, h[1], 0.0) for h in history]
     out, lse = _newton(outs, xs, at), _newton(lses, xs, at)
     if damp != 1.0:
         out, lse = outs[-1] + damp * (out - outs[-1]), lses[-1] + damp * (lse - lses[-1])
-    lse = torch.where(finite, lse, newest_lse)
-    out = torch.where(finite[..., None], out, newest_out)
+    lse = torch.where(finite, lse, history[-1][1])
+    out = torch.where(finite[..., None], out, outs[-1])
     return out.to(history[-1][0].dtype), lse
 
 
