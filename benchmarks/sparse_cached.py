@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from dit_accel.benchmarks.report import command_line
-from dit_accel.benchmarks.sparse_pooled import merge, probe_configs, probe_parser, run_probe
+from dit_accel.benchmarks.sparse_pooled import merge, probe_configs, probe_parser, run_probe, summary_attention
 from dit_accel.kernels.block_sparse import TILE, _tile_len_mask, block_sparse_attention, tiles_to_blocks
 from dit_accel.kernels.tile_order import window_tiles
 from dit_accel.methods.sparse import _full_layout
@@ -141,7 +141,13 @@ class ScheduledTiles(HeldTiles):
     as one) that renews the forecast. One host sync per sparse pass. ``damp`` scales the forecast's
     change from the newest full pass (1: the polynomial itself). ``window``: visit `Neighborhood`'s
     window of tiles (padded 3D tiles, as `Neighborhood` lays them out) instead of the most weighted
-    ``keep`` of them between full passes."""
+    ``keep`` of them between full passes.
+
+    ``correct`` (a control variate): every pass also attends to summary tokens of the skipped tiles
+    (`summary_attention`, ``pool`` keys per token; not counted in density), and a sparse pass adds
+    ``correct`` times the summary part's miss of its own forecast to the forecast of the skipped
+    tiles' output and log-sum-exp, so the skipped part follows what the current queries, keys and
+    values do to their summary (0: off)."""
 
     full_steps: tuple = (0, 1, 5, 8, 11, 14, 17)
     forecast: int = 1
@@ -149,6 +155,8 @@ class ScheduledTiles(HeldTiles):
     refresh_above: float | None = None
     damp: float = 1.0
     window: tuple | None = None
+    correct: float = 0.0
+    pool: int = TILE
 
     def __post_init__(self) -> None:
         self.full_steps = tuple(sorted(int(s) for s in self.full_steps))
@@ -159,6 +167,8 @@ class ScheduledTiles(HeldTiles):
                              "clock 'step' or 'timestep'")
         if self.refresh_above is not None and not self.refresh_above >= 0:
             raise ValueError(f"ScheduledTiles(refresh_above={self.refresh_above}): a relative error >= 0, or None")
+        if self.correct and (self.pool < 1 or TILE % self.pool):
+            raise ValueError(f"ScheduledTiles(pool={self.pool}): keys per summary token must divide the tile ({TILE})")
         if self.window is not None:
             self._neighborhood = Neighborhood(window=self.window)  # checks the window
             self.packed = False
@@ -188,12 +198,14 @@ class ScheduledTiles(HeldTiles):
                     tiles = window_tiles(order, self._neighborhood.window_tokens(order.grid))[None, None]
                     state["blocks"], state["counts"] = (t.to(query.device) for t in tiles_to_blocks(tiles))
                 state["blocks"], state["counts"] = state["frozen"] = (state["blocks"], state["counts"])
-                state["history"], state["kept_history"] = [], []  # a new layout: earlier passes cached other tiles
+                # a new layout: earlier passes cached other tiles
+                state["history"], state["kept_history"], state["summary_history"] = [], [], []
                 state["pairs"], state["rest"] = self._split(state, order, query.device)
             kept = None
             if self.refresh_above is not None:
                 kept = self._pass(query, key, value, order, state["blocks"], state["counts"])
-            self._remember(state, self._pass(query, key, value, order, *state["rest"]), kept, at)
+            self._remember(state, self._pass(query, key, value, order, *state["rest"]), kept, at,
+                           self._summary(query, key, value, order, state))
             return out
         kept = self._pass(query, key, value, order, state["blocks"], state["counts"])
         if self.refresh_above is not None and state["kept_history"]:
@@ -202,15 +214,35 @@ class ScheduledTiles(HeldTiles):
             if miss > self.refresh_above:  # the forecast has drifted: compute the skipped tiles too
                 self._count_full(order, B * H)
                 rest = self._pass(query, key, value, order, *state["rest"])
-                self._remember(state, rest, kept, at)
+                self._remember(state, rest, kept, at, self._summary(query, key, value, order, state))
                 return merge(*kept, *rest)
         self._count(state["pairs"], order, B * H)
-        return merge(*kept, *forecast(state["history"], at, self.damp))
+        rest_out, rest_lse = forecast(state["history"], at, self.damp)
+        if self.correct:
+            now_out, now_lse = self._summary(query, key, value, order, state)
+            guess_out, guess_lse = forecast(state["summary_history"], at, self.damp)
+            ok = torch.isfinite(now_lse) & torch.isfinite(guess_lse) & torch.isfinite(rest_lse)
+            rest_out = torch.where(ok[..., None], rest_out.float() + self.correct * (now_out - guess_out.float()),
+                                   rest_out.float()).to(rest_out.dtype)
+            rest_lse = torch.where(ok, rest_lse + self.correct * (now_lse - guess_lse), rest_lse)
+        return merge(*kept, rest_out, rest_lse)
 
-    def _remember(self, state: dict, rest, kept, at: float) -> None:
-        """Add a full pass's skipped (and, for the adaptive refresh, kept) tiles' part to the forecast's
-        history, keeping the last ``forecast + 1`` passes."""
-        for name, part in (("history", rest), ("kept_history", kept)):
+    def _summary(self, query, key, value, order, state):
+        """With ``correct``: the skipped tiles' summary part ``(output, log-sum-exp)`` in model order
+        (`summary_attention` with ``pool``), else None."""
+        if not self.correct:
+            return None
+        out, lse, idx, valid = summary_attention(query, key, value, state["blocks"], state["counts"],
+                                                 order.tile_len, order.index, self.pool)
+        B, H, S, D = query.shape
+        model_out, model_lse = out.new_zeros(B, H, S, D), lse.new_full((B, H, S), float("-inf"))
+        model_out[:, :, idx[valid]], model_lse[:, :, idx[valid]] = out[:, :, valid], lse[:, :, valid]
+        return model_out, model_lse
+
+    def _remember(self, state: dict, rest, kept, at: float, summary=None) -> None:
+        """Add a full pass's skipped (and, for the adaptive refresh, kept; for ``correct``, the summary)
+        tiles' part to the forecast's history, keeping the last ``forecast + 1`` passes."""
+        for name, part in (("history", rest), ("kept_history", kept), ("summary_history", summary)):
             if part is not None:
                 older = state[name][-self.forecast:] if self.forecast else []
                 state[name] = [*older, (*part, at)]
@@ -277,6 +309,11 @@ def main(argv=None) -> None:
                          "grid) visited between full passes instead of the --keep share, each a variant")
     ap.add_argument("--damp", default="1", help="with --schedules: comma-separated factors on the forecast's change "
                                                  "from the newest full pass, each a variant")
+    ap.add_argument("--correct", default="0",
+                    help="with --schedules: comma-separated factors on the summary tokens' miss of their own "
+                         "forecast added to the skipped tiles' forecast (0: off), each a variant")
+    ap.add_argument("--pool", default=str(TILE),
+                    help=f"with --correct: comma-separated keys per summary token (divisors of {TILE}), each a variant")
     args = ap.parse_args(argv)
     command = command_line("dit_accel.benchmarks.sparse_cached", argv)
     if args.schedules is not None:
@@ -305,25 +342,29 @@ def scheduled_variants(ap, args) -> list:
         layer_sets = [() if sel.strip() == "none" else tuple(int(i) for i in sel.split(","))
                       for sel in (args.dense_layers or "none").split(";") if sel.strip()]
         damps = [float(d) for d in args.damp.split(",") if d.strip()]
+        corrections = [(float(c), int(p)) for c in args.correct.split(",") if c.strip()
+                       for p in (args.pool.split(",") if float(c) else [TILE]) if p.strip()]
         windows = [tuple(float(x) if "." in x else int(x) for x in w.split(",")) for w in args.window.split(";")
                    if w.strip()] or [None]
     except ValueError:
-        ap.error(f"--schedules / --forecast / --refresh-above / --dense-layers / --damp / --window: expected e.g. "
-                 f"'0,1,5,8', '0,1,1t,2t', 'off,0.1', '0;7', '0.5,1' and '1,1,1;0.25,0.5,0.5', got {args.schedules!r}, "
-                 f"{args.forecast!r}, {args.refresh_above!r}, {args.dense_layers!r}, {args.damp!r} and "
-                 f"{args.window!r}")
+        ap.error(f"--schedules / --forecast / --refresh-above / --dense-layers / --damp / --window / --correct / "
+                 f"--pool: expected e.g. '0,1,5,8', '0,1,1t,2t', 'off,0.1', '0;7', '0.5,1', '1,1,1;0.25,0.5,0.5', "
+                 f"'0,1' and '128,32', got {args.schedules!r}, {args.forecast!r}, {args.refresh_above!r}, "
+                 f"{args.dense_layers!r}, {args.damp!r}, {args.window!r}, {args.correct!r} and {args.pool!r}")
     variants = []
-    for sched, (order, clock), tol, layers, damp, window in itertools.product(schedules, forecasts, tols, layer_sets,
-                                                                              damps, windows):
-        def make(sched=sched, order=order, clock=clock, tol=tol, layers=layers, damp=damp, window=window):
+    grid = itertools.product(schedules, forecasts, tols, layer_sets, damps, windows, corrections)
+    for sched, (order, clock), tol, layers, damp, window, (correct, pool) in grid:
+        def make(sched=sched, order=order, clock=clock, tol=tol, layers=layers, damp=damp, window=window,
+                 correct=correct, pool=pool):
             return ScheduledTiles(keep=args.keep, full_steps=sched, forecast=order, clock=clock, refresh_above=tol,
-                                  dense_layers=layers, damp=damp, window=window)
+                                  dense_layers=layers, damp=damp, window=window, correct=correct, pool=pool)
         make()  # bad values fail before any generation
         label = {"full_steps": ",".join(map(str, sched)), "keep": args.keep, "forecast": order, "clock": clock,
                  **({"refresh_above": tol} if args.refresh_above else {}),
                  **({"dense_layers": ",".join(map(str, layers))} if args.dense_layers else {}),
                  **({"damp": damp} if args.damp != "1" else {}),
-                 **({"window": list(window)} if window is not None else {})}
+                 **({"window": list(window)} if window is not None else {}),
+                 **({"correct": correct, "pool": pool} if args.correct != "0" else {})}
         variants.append((label, make, contextlib.nullcontext))
     return variants
 

@@ -187,21 +187,36 @@ def test_scheduled_forecast_is_the_polynomial_through_the_passes(passes):
     assert torch.allclose(half_lse[finite].double(), (want_lse + lses[-1].double())[finite] / 2, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("degree, window", [(0, None), (1, None), (1, (1, 1, 1))])
-def test_scheduled_tiles_full_steps_and_forecast(degree, window):
+def _summary64(q, k, v, kept, order, pool):
+    """float64 attention of every query to the mean key/value of each run of ``pool`` slots of the key
+    tiles its query tile skips (``kept``: [query tile, key tile]), scores raised by log(pool)."""
+    n, g = kept.shape[0], TILE // pool
+    pos = order.index.long().view(n, g, pool)  # no padding in these grids
+    kbar, vbar = (x.double()[:, :, pos].mean(-2).flatten(2, 3) for x in (k, v))  # [B, H, n * g, D]
+    tile_of = torch.empty(q.shape[2], dtype=torch.long)
+    tile_of[order.index.long()] = torch.arange(n * TILE) // TILE
+    s = q.double() @ kbar.transpose(-1, -2) * q.shape[-1] ** -0.5 + math.log(pool)
+    s = s.masked_fill(kept[tile_of][:, torch.arange(n).repeat_interleave(g)], float("-inf"))
+    return torch.softmax(s, -1) @ vbar, torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("degree, window, correct", [(0, None, 0.0), (1, None, 0.0), (1, (1, 1, 1), 0.0),
+                                                     (0, None, 1.0), (1, None, 0.5)])
+def test_scheduled_tiles_full_steps_and_forecast(degree, window, correct):
     """Full passes exactly at the schedule's steps (dense output there), the layout fixed after the
     leading full steps, and sparse passes equal to float64 attention over the kept tiles merged with
-    the forecast of the skipped tiles' part from the full passes (timestep clock)."""
+    the forecast of the skipped tiles' part from the full passes (timestep clock), corrected by
+    ``correct`` times the summary part's miss of its own forecast."""
     from dit_accel.benchmarks import sparse_cached
     from dit_accel.kernels.tile_order import tile_order
 
     grid, state = (4, 16, 16), {}  # 8 tiles of 2x8x8
     S = math.prod(grid)
     method = sparse_cached.ScheduledTiles(keep=0.25, full_steps=(0, 1, 3, 5), forecast=degree, clock="timestep",
-                                          window=window)
+                                          window=window, correct=correct, pool=32)
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     order = tile_order(grid)
-    skipped = {}  # step -> (output, lse) of float64 attention over the skipped keys
+    skipped, summary = {}, {}  # step -> (output, lse, t) of float64 attention over the skipped keys / summaries
     for step in range(7):
         t = 1000.0 - 100.0 * step - 10.0 * step**2
         call = attention_call(grid, step=step, state=state, timestep=t)
@@ -228,13 +243,19 @@ def test_scheduled_tiles_full_steps_and_forecast(degree, window):
                 rest = s.masked_fill(keep_pairs, float("-inf"))
                 lse = torch.logsumexp(rest, -1)
                 skipped[step] = (torch.softmax(rest, -1) @ v.double(), lse, t)
+                summary[step] = (*_summary64(q, k, v, kept, order, 32), t)
             continue
         newest = [x for x in (1, 3, 5) if x < step][-degree - 1:]
-        if len(newest) == 1:
-            o_rest, l_rest = skipped[newest[0]][:2]
-        else:
-            (o0, l0, t0), (o1, l1, t1) = (skipped[x] for x in newest)
-            o_rest, l_rest = o1 + (t - t1) / (t1 - t0) * (o1 - o0), l1 + (t - t1) / (t1 - t0) * (l1 - l0)
+
+        def guess(passes):
+            if len(newest) == 1:
+                return passes[newest[0]][:2]
+            (o0, l0, t0), (o1, l1, t1) = (passes[x] for x in newest)
+            return o1 + (t - t1) / (t1 - t0) * (o1 - o0), l1 + (t - t1) / (t1 - t0) * (l1 - l0)
+        o_rest, l_rest = guess(skipped)
+        o_now, l_now = _summary64(q, k, v, kept, order, 32)
+        o_sum, l_sum = guess(summary)
+        o_rest, l_rest = o_rest + correct * (o_now - o_sum), l_rest + correct * (l_now - l_sum)
         live = s.masked_fill(~layout, float("-inf"))
         l_live = torch.logsumexp(live, -1)
         o_live = torch.softmax(live, -1) @ v.double()
