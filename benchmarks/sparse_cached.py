@@ -343,7 +343,7 @@ def scheduled_variants(ap, args) -> list:
                       for sel in (args.dense_layers or "none").split(";") if sel.strip()]
         damps = [float(d) for d in args.damp.split(",") if d.strip()]
         corrections = [(float(c), int(p)) for c in args.correct.split(",") if c.strip()
-                       for p in (args.pool.split(",") if float(c) else [TILE]) if p.strip()]
+                       for p in (args.pool.split(",") if float(c) else [str(TILE)]) if p.strip()]
         windows = [tuple(float(x) if "." in x else int(x) for x in w.split(",")) for w in args.window.split(";")
                    if w.strip()] or [None]
     except ValueError:

@@ -1,5 +1,6 @@
 """The sparse probes (benchmarks/sparse_pooled.py, sparse_cached.py, sparse_oracle.py) against float64 attention."""
 
+import argparse
 import math
 
 import pytest
@@ -341,3 +342,28 @@ def test_recorded_command_reruns_with_the_same_arguments():
     assert words[:3] == ["python", "-m", "dit_accel.benchmarks.sparse_cached"] and words[3:] == argv
     bare = command_line("dit_accel.benchmarks.sparse", None)
     assert shlex.split(bare) == ["python", "-m", "dit_accel.benchmarks.sparse"]
+
+
+def test_scheduled_variants_cross_every_option():
+    """--schedules x --forecast x --window x (--correct 0, or each nonzero --correct x --pool) variants,
+    each labelled with its own values; a pool that does not divide the tile is an argument error."""
+    from dit_accel.benchmarks import sparse_cached
+
+    ap = argparse.ArgumentParser()
+    ap.error = lambda message: pytest.fail(message)  # noqa: E731 (argparse exits; make it visible)
+
+    def variants(*argv):
+        args = argparse.Namespace(schedules="0,1,5;0,2", forecast="0,1t", keep=0.05, refresh_above="",
+                                  dense_layers="", damp="1", window="", correct="0", pool="128")
+        for name, value in zip(argv[::2], argv[1::2]):
+            setattr(args, name, value)
+        return sparse_cached.scheduled_variants(ap, args)
+
+    labels = [label for label, _, _ in variants("correct", "0,0.5", "pool", "128,32", "window", "1,1,1;2,1,1")]
+    assert len(labels) == 2 * 2 * 2 * (1 + 2)
+    assert {(x["correct"], x["pool"]) for x in labels} == {(0.0, TILE), (0.5, 128), (0.5, 32)}
+    made = variants("correct", "0.5", "pool", "32")[0][1]()
+    assert (made.correct, made.pool, made.full_steps, made.forecast, made.clock) == (0.5, 32, (0, 1, 5), 0, "step")
+    assert "correct" not in variants()[0][0]
+    with pytest.raises(ValueError, match="pool=48"):
+        variants("correct", "1", "pool", "48")
