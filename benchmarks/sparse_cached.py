@@ -201,11 +201,12 @@ class ScheduledTiles(HeldTiles):
                 # a new layout: earlier passes cached other tiles
                 state["history"], state["kept_history"], state["summary_history"] = [], [], []
                 state["pairs"], state["rest"] = self._split(state, order, query.device)
+                state["summary_pairs"] = self._summary_pairs(state, order) if self.correct else 0.0
             kept = None
             if self.refresh_above is not None:
                 kept = self._pass(query, key, value, order, state["blocks"], state["counts"])
-            self._remember(state, self._pass(query, key, value, order, *state["rest"]), kept, at,
-                           self._summary(query, key, value, order, state))
+            summary = self._summary(query, key, value, order, state) if step >= self._freeze_at else None
+            self._remember(state, self._pass(query, key, value, order, *state["rest"]), kept, at, summary)
             return out
         kept = self._pass(query, key, value, order, state["blocks"], state["counts"])
         if self.refresh_above is not None and state["kept_history"]:
@@ -229,15 +230,25 @@ class ScheduledTiles(HeldTiles):
 
     def _summary(self, query, key, value, order, state):
         """With ``correct``: the skipped tiles' summary part ``(output, log-sum-exp)`` in model order
-        (`summary_attention` with ``pool``), else None."""
+        (`summary_attention` with ``pool``; its query-summary pairs are counted as computed), else None."""
         if not self.correct:
             return None
+        self._pairs[0] += state["summary_pairs"] * query.shape[0] * query.shape[1]
         out, lse, idx, valid = summary_attention(query, key, value, state["blocks"], state["counts"],
                                                  order.tile_len, order.index, self.pool)
         B, H, S, D = query.shape
         model_out, model_lse = out.new_zeros(B, H, S, D), lse.new_full((B, H, S), float("-inf"))
         model_out[:, :, idx[valid]], model_lse[:, :, idx[valid]] = out[:, :, valid], lse[:, :, valid]
         return model_out, model_lse
+
+    def _summary_pairs(self, state: dict, order) -> float:
+        """Query-summary pairs per attention row of one (batch, head): every query meets one summary
+        token per non-empty run of ``pool`` slots of each key tile its layout skips."""
+        n = order.tile_len.numel()
+        runs = _tile_len_mask(order.tile_len, n * TILE, TILE).view(n, TILE // self.pool, self.pool).any(-1).sum(-1)
+        skipped = ~self.tile_mask(state, n)
+        total = torch.einsum("bhqk,q,k->", skipped.double(), order.tile_len.double(), runs.double().to(skipped.device))
+        return float(total) / skipped.shape[:2].numel()
 
     def _remember(self, state: dict, rest, kept, at: float, summary=None) -> None:
         """Add a full pass's skipped (and, for the adaptive refresh, kept; for ``correct``, the summary)

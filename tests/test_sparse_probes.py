@@ -265,23 +265,26 @@ def test_scheduled_tiles_full_steps_and_forecast(degree, window, correct):
         assert torch.allclose(out.double(), (a * o_live + b * o_rest) / (a + b), atol=1e-4), step
     assert [x[2] for x in state["history"]] == [skipped[x][2] for x in (3, 5)[1 - degree:]]
     visited = float(layout.double().mean())  # the kept share of the sparse steps (2, 4, 6), the rest full
-    assert method.density() == pytest.approx((4 + 3 * visited) / 7, rel=1e-9)
+    summaries = 6 * (1 - visited) / 32 if correct else 0.0  # each query meets TILE / 32 per skipped tile at steps 1-6
+    assert method.density() == pytest.approx((4 + 3 * visited + summaries) / 7, rel=1e-9)
 
 
-@pytest.mark.parametrize("window", [None, (1, 1, 1)])
-def test_scheduled_tiles_density_counts_every_row(window):
-    """Batch 2 x 2 heads: a shared (window) layout counts as much as a per-(batch, head) one."""
+@pytest.mark.parametrize("window, correct", [(None, 0.0), ((1, 1, 1), 0.0), (None, 1.0), ((1, 1, 1), 1.0)])
+def test_scheduled_tiles_density_counts_every_row(window, correct):
+    """Batch 2 x 2 heads: a shared (window) layout counts as much as a per-(batch, head) one, and so
+    do the summary tokens of ``correct`` (from the last leading full step on)."""
     from dit_accel.benchmarks import sparse_cached
 
     grid = (4, 16, 16)  # 8 tiles of 2x8x8: keep=0.125 is one tile, as the one-token window
     S = math.prod(grid)
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
-    method = sparse_cached.ScheduledTiles(keep=0.125, full_steps=(0, 1, 3), window=window)
+    method = sparse_cached.ScheduledTiles(keep=0.125, full_steps=(0, 1, 3), window=window, correct=correct, pool=64)
     state = {}
     for step in range(5):
         q, k, v = (torch.randn(2, 2, S, 16, generator=g) for _ in range(3))
         method(q, k, v, None, attention_call(grid, step=step, state=state))
-    assert method.density() == pytest.approx((3 + 2 / 8) / 5, rel=1e-9)
+    summaries = 4 * (7 / 8) * 2 / TILE if correct else 0.0  # steps 1-4: two summaries per skipped tile
+    assert method.density() == pytest.approx((3 + 2 / 8 + summaries) / 5, rel=1e-9)
 
 
 def test_scheduled_tiles_adaptive_refresh():
