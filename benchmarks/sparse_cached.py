@@ -26,7 +26,9 @@ float32 output) per layer and CFG branch.
 after the leading full steps, and the skipped tiles' part forecast by the polynomial through the last
 one, two or three full passes (``--forecast``: 0, 1, 2; a ``t`` suffix forecasts in the scheduler's
 timestep instead of the step index), optionally with an adaptive extra full pass per layer and CFG
-branch (``--refresh-above``) or some blocks dense throughout (``--dense-layers``).
+branch (``--refresh-above``) or some blocks dense throughout (``--dense-layers``), and with the skipped
+tiles' forecast corrected by summary tokens (``--correct``, ``--pool``: a control variate; their query
+pairs are counted in density).
 
 Writes ``benchmarks/results/sparse-cached-<device>-<date>.json`` (or ``--out DIR``).
 """
