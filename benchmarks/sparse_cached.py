@@ -143,7 +143,7 @@ class ScheduledTiles(HeldTiles):
     as one) that renews the forecast. One host sync per sparse pass. ``damp`` scales the forecast's
     change from the newest full pass (1: the polynomial itself). ``window``: visit `Neighborhood`'s
     window of tiles (padded 3D tiles, as `Neighborhood` lays them out) instead of the most weighted
-    ``keep`` of them between full passes.
+    ``keep`` of them between full passes (``window_plus_keep``: the window and those tiles).
 
     ``correct`` (a control variate): every pass also attends to summary tokens of the skipped tiles
     (`summary_attention`, ``pool`` keys per token; not counted in density), and a sparse pass adds
@@ -157,6 +157,7 @@ class ScheduledTiles(HeldTiles):
     refresh_above: float | None = None
     damp: float = 1.0
     window: tuple | None = None
+    window_plus_keep: bool = False
     correct: float = 0.0
     pool: int = TILE
 
@@ -194,10 +195,12 @@ class ScheduledTiles(HeldTiles):
             self._count_full(order, B * H)
             out, gap = self._attend(query, key, value, order, state, *state["full"], True)
             if step <= self._freeze_at or "frozen" not in state:
-                if self.window is None:
+                if self.window is None or self.window_plus_keep:
                     self._update(state, gap, *state["full"], order, True, B * H)
-                else:
+                if self.window is not None:
                     tiles = window_tiles(order, self._neighborhood.window_tokens(order.grid))[None, None]
+                    if self.window_plus_keep:
+                        tiles = tiles.to(query.device) | self.tile_mask(state, n)
                     state["blocks"], state["counts"] = (t.to(query.device) for t in tiles_to_blocks(tiles))
                 state["blocks"], state["counts"] = state["frozen"] = (state["blocks"], state["counts"])
                 # a new layout: earlier passes cached other tiles
@@ -320,6 +323,8 @@ def main(argv=None) -> None:
     ap.add_argument("--window", default="",
                     help="with --schedules: ';'-separated Neighborhood windows 't,h,w' (tokens, or fractions of the "
                          "grid) visited between full passes instead of the --keep share, each a variant")
+    ap.add_argument("--window-plus-keep", action="store_true",
+                    help="with --window: visit the window and the --keep share of most weighted tiles")
     ap.add_argument("--damp", default="1", help="with --schedules: comma-separated factors on the forecast's change "
                                                  "from the newest full pass, each a variant")
     ap.add_argument("--correct", default="0",
@@ -370,13 +375,15 @@ def scheduled_variants(ap, args) -> list:
         def make(sched=sched, order=order, clock=clock, tol=tol, layers=layers, damp=damp, window=window,
                  correct=correct, pool=pool):
             return ScheduledTiles(keep=args.keep, full_steps=sched, forecast=order, clock=clock, refresh_above=tol,
-                                  dense_layers=layers, damp=damp, window=window, correct=correct, pool=pool)
+                                  dense_layers=layers, damp=damp, window=window, correct=correct, pool=pool,
+                                  window_plus_keep=args.window_plus_keep)
         make()  # bad values fail before any generation
         label = {"full_steps": ",".join(map(str, sched)), "keep": args.keep, "forecast": order, "clock": clock,
                  **({"refresh_above": tol} if args.refresh_above else {}),
                  **({"dense_layers": ",".join(map(str, layers))} if args.dense_layers else {}),
                  **({"damp": damp} if args.damp != "1" else {}),
                  **({"window": list(window)} if window is not None else {}),
+                 **({"window_plus_keep": True} if args.window_plus_keep and window is not None else {}),
                  **({"correct": correct, "pool": pool} if args.correct != "0" else {})}
         variants.append((label, make, contextlib.nullcontext))
     return variants

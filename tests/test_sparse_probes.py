@@ -287,6 +287,27 @@ def test_scheduled_tiles_density_counts_every_row(window, correct):
     assert method.density() == pytest.approx((3 + 2 / 8 + summaries) / 5, rel=1e-9)
 
 
+def test_scheduled_tiles_window_plus_keep_visits_both():
+    """window_plus_keep: the layout after the leading full steps is the window's tiles (a one-token
+    window: each query tile's own) together with the most weighted ``keep`` of the tiles."""
+    from dit_accel.benchmarks import sparse_cached
+
+    grid = (4, 16, 16)  # 8 tiles of 2x8x8
+    S = math.prod(grid)
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    inputs = [tuple(torch.randn(2, 2, S, 16, generator=g) for _ in range(3)) for _ in range(2)]
+    masks = []
+    for window, plus in ((None, False), ((1, 1, 1), True)):
+        method, state = sparse_cached.ScheduledTiles(keep=0.125, full_steps=(0, 1, 3), window=window,
+                                                     window_plus_keep=plus), {}
+        for step, (q, k, v) in enumerate(inputs):
+            method(q, k, v, None, attention_call(grid, step=step, state=state))
+        masks.append(method.tile_mask(state, 8))
+    heaviest, union = masks
+    assert torch.equal(heaviest.sum(-1), torch.ones(2, 2, 8, dtype=torch.long))
+    assert torch.equal(union, heaviest | torch.eye(8, dtype=torch.bool))
+
+
 def test_scheduled_tiles_adaptive_refresh():
     """refresh_above=0: every sparse pass misses its forecast, so every call is a full pass (dense output,
     density 1); a threshold no miss reaches: the same outputs and density as without the check."""
@@ -357,7 +378,8 @@ def test_scheduled_variants_cross_every_option():
 
     def variants(*argv):
         args = argparse.Namespace(schedules="0,1,5;0,2", forecast="0,1t", keep=0.05, refresh_above="",
-                                  dense_layers="", damp="1", window="", correct="0", pool="128")
+                                  dense_layers="", damp="1", window="", correct="0", pool="128",
+                                  window_plus_keep=False)
         for name, value in zip(argv[::2], argv[1::2]):
             setattr(args, name, value)
         return sparse_cached.scheduled_variants(ap, args)
