@@ -41,21 +41,13 @@ from dataclasses import dataclass
 
 import torch
 from dit_accel.benchmarks.report import command_line
-from dit_accel.benchmarks.sparse_pooled import merge, probe_configs, probe_parser, run_probe, summary_attention
+from dit_accel.benchmarks.sparse_pooled import probe_configs, probe_parser, run_probe
 from dit_accel.kernels.block_sparse import TILE, _tile_len_mask, block_sparse_attention, tiles_to_blocks
 from dit_accel.kernels.tile_order import window_tiles
+from dit_accel.methods.estimate import forecast, merge, summary_attention, to_model_order
 from dit_accel.methods.sparse import _full_layout
 
 from dit_accel import Neighborhood, TemporalSparse
-
-
-def _model_order(lse, order) -> torch.Tensor:
-    """Per-slot log-sum-exp ``[B, H, slots]`` -> model order ``[B, H, S]``."""
-    idx = order.index.long()
-    valid = _tile_len_mask(order.tile_len, idx.numel(), TILE)
-    out = lse.new_full((*lse.shape[:2], int(order.tile_len.sum())), float("-inf"))
-    out[:, :, idx[valid]] = lse[:, :, valid]
-    return out
 
 
 @dataclass
@@ -124,7 +116,7 @@ class HeldTiles(TemporalSparse):
         """(output, log-sum-exp in model order) over the tiles of (blocks, counts)."""
         out, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
                                           seq_index=order.index, return_lse=True)
-        return out, _model_order(lse, order)
+        return out, to_model_order(None, lse, order, query.shape[2])[1]
 
 
 @dataclass
@@ -239,12 +231,9 @@ class ScheduledTiles(HeldTiles):
         if not self.correct:
             return None
         self._pairs[0] += state["summary_pairs"] * query.shape[0] * query.shape[1]
-        out, lse, idx, valid = summary_attention(query, key, value, state["blocks"], state["counts"],
-                                                 order.tile_len, order.index, self.pool)
-        B, H, S, D = query.shape
-        model_out, model_lse = out.new_zeros(B, H, S, D), lse.new_full((B, H, S), float("-inf"))
-        model_out[:, :, idx[valid]], model_lse[:, :, idx[valid]] = out[:, :, valid], lse[:, :, valid]
-        return model_out, model_lse
+        out, lse, _, _ = summary_attention(query, key, value, state["blocks"], state["counts"], order.tile_len,
+                                           order.index, self.pool)
+        return to_model_order(out, lse, order, query.shape[2])
 
     def _summary_pairs(self, state: dict, order) -> float:
         """Query-summary pairs per attention row of one (batch, head): every query meets one summary
@@ -262,36 +251,6 @@ class ScheduledTiles(HeldTiles):
             if part is not None:
                 older = state[name][-self.forecast:] if self.forecast else []
                 state[name] = [*older, (*part, at)]
-
-
-def forecast(history, at: float, damp: float = 1.0):
-    """The (output, log-sum-exp) at ``at`` of the polynomial through the ``(output, lse, clock)``
-    passes of ``history`` (Newton's form; one pass: that pass), its change from the newest pass
-    scaled by ``damp``; rows where any pass skipped nothing (lse -inf) keep the newest pass's values."""
-    if len(history) == 1:
-        return history[-1][:2]
-    xs = [h[2] for h in history]
-    finite = torch.stack([torch.isfinite(h[1]) for h in history]).all(0)
-    outs = [h[0].float() for h in history]
-    lses = [torch.where(finite, h[1], 0.0) for h in history]
-    out, lse = _newton(outs, xs, at), _newton(lses, xs, at)
-    if damp != 1.0:
-        out, lse = outs[-1] + damp * (out - outs[-1]), lses[-1] + damp * (lse - lses[-1])
-    lse = torch.where(finite, lse, history[-1][1])
-    out = torch.where(finite[..., None], out, outs[-1])
-    return out.to(history[-1][0].dtype), lse
-
-
-def _newton(values, xs, at: float):
-    """The interpolating polynomial through ``(xs[i], values[i])`` evaluated at ``at``."""
-    coef = list(values)
-    for j in range(1, len(xs)):
-        for i in range(len(xs) - 1, j - 1, -1):
-            coef[i] = (coef[i] - coef[i - 1]) / (xs[i] - xs[i - j])
-    result = coef[-1]
-    for i in range(len(xs) - 2, -1, -1):
-        result = result * (at - xs[i]) + coef[i]
-    return result
 
 
 CONFIGS = {  # name: (keep, refresh_every); 20 steps, 2 warm-up (full) steps

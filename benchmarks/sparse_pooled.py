@@ -28,7 +28,7 @@ from dit_accel.benchmarks.reference import _generate
 from dit_accel.benchmarks.report import command_line, print_table, write_result
 from dit_accel.benchmarks.sparse_quality import fidelity
 from dit_accel.evals import shapes as checker
-from dit_accel.kernels.block_sparse import TILE, _tile_len_mask, blocks_to_mask
+from dit_accel.methods.estimate import merge, summary_attention
 from dit_accel.pipelines import load_reference
 from dit_accel.pipelines.shapes.pipeline import DEFAULT_SIZE, DEFAULT_STEPS
 from dit_accel.pipelines.shapes.suite import held_out_suite
@@ -50,43 +50,6 @@ CONFIGS = {
     "TemporalSparse(threshold=-6, max_density=0.2, refresh off)": lambda: T(threshold=-6.0, max_density=0.2,
                                                                              **NO_REFRESH),
 }
-
-
-def merge(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
-    """Attention over two disjoint key sets from each set's output and log-sum-exp (same token order),
-    in ``out_a``'s dtype."""
-    m = torch.maximum(lse_a, lse_b)
-    a, b = torch.exp(lse_a - m).nan_to_num(0.0), torch.exp(lse_b - m).nan_to_num(0.0)
-    return ((a[..., None] * out_a.float() + b[..., None] * out_b.float()) / (a + b)[..., None]).to(out_a.dtype)
-
-
-def summary_attention(q, k, v, blocks, counts, tile_len, seq_index, pool: int = TILE):
-    """Attention of every query to summary tokens of the key tiles its layout skips, in tile-slot order:
-    ``(out [B, H, slots, D] float32, lse [B, H, slots])``, plus the slots' model positions and validity.
-
-    Each skipped key tile gives ``TILE // pool`` summary tokens, one per run of ``pool`` slots: the
-    run's mean key and mean value, its score raised by log(run length), as if every key of the run
-    scored like the mean key. Rows that skip nothing get lse -inf and output 0."""
-    if pool < 1 or TILE % pool:
-        raise ValueError(f"pool={pool}: keys per summary token must divide the tile ({TILE})")
-    idx = seq_index.long()
-    n, g = idx.numel() // TILE, TILE // pool
-    B, H, _, D = q.shape
-    valid = (_tile_len_mask(tile_len, idx.numel(), TILE) if tile_len is not None
-             else torch.ones_like(idx, dtype=torch.bool))
-    w = valid.view(n, g, pool).float()
-    length = w.sum(-1)  # [n, g]
-    def mean(x):
-        tiles = x.float().index_select(2, idx).view(B, H, n, g, pool, D)
-        return torch.einsum("bhngpd,ngp->bhngd", tiles, w) / length.clamp_min(1)[..., None]
-    kbar, vbar = mean(k), mean(v)
-    visited = blocks_to_mask(blocks, counts, n, n, 1, 1)  # [B|1, H|1, query tile, key tile]
-    qt = q.float().index_select(2, idx).view(B, H, n, TILE, D)
-    s = torch.einsum("bhmtd,bhngd->bhmtng", qt, kbar) * D**-0.5 + length.log()  # empty runs: -inf
-    s = s.masked_fill(visited[:, :, :, None, :, None], float("-inf")).flatten(-2)
-    lse = torch.logsumexp(s, -1)
-    out = torch.einsum("bhmtk,bhkd->bhmtd", torch.exp(s - lse[..., None]).nan_to_num(0.0), vbar.flatten(2, 3))
-    return out.reshape(B, H, n * TILE, D), lse.reshape(B, H, n * TILE), idx, valid
 
 
 def pooled_estimate(q, k, v, blocks, counts, out, lse, tile_len, seq_index):

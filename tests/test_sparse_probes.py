@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 from dit_accel.benchmarks import sparse_pooled
+from dit_accel.methods import estimate
+from dit_accel.methods.estimate import to_model_order
 from dit_accel.kernels.block_sparse import TILE, block_sparse_attention_reference, tiles_to_blocks
 from helpers import attention_call
 
@@ -58,8 +60,7 @@ def test_nothing_added_when_every_tile_is_visited_and_the_patch_is_undone():
 
 
 def test_cached_probe_merge_of_a_layout_and_its_complement_is_dense():
-    """sparse_cached merges the kept tiles' pass with the skipped tiles' pass through their LSEs."""
-    from dit_accel.benchmarks import sparse_cached
+    """The probes merge the kept tiles' pass with the skipped tiles' pass through their LSEs."""
     from dit_accel.kernels.tile_order import tile_order
 
     order = tile_order((3, 8, 10), None, 0, False, torch.device("cpu"))  # padded 3D tiles
@@ -74,8 +75,8 @@ def test_cached_probe_merge_of_a_layout_and_its_complement_is_dense():
         blocks, counts = tiles_to_blocks(m)
         out, lse = block_sparse_attention_reference(q, k, v, blocks, counts, return_lse=True, tile_len=order.tile_len,
                                                     seq_index=order.index)
-        parts += [out, sparse_cached._model_order(lse, order)]
-    merged = sparse_cached.merge(*parts)
+        parts += [out, to_model_order(None, lse, order, S)[1]]
+    merged = estimate.merge(*parts)
     dense = _dense64(q, k, v)
     assert (parts[0].double() - dense).abs().max() > 1e-2
     assert (merged.double() - dense).abs().max() < 1e-4
@@ -144,14 +145,13 @@ def test_recall_measure_against_float64():
 
 
 def test_cached_probe_extrapolation_is_linear_in_the_step_and_leaves_empty_rows():
-    from dit_accel.benchmarks import sparse_cached
 
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     o0, d_o = torch.randn(2, 3, 10, 8, generator=g), torch.randn(2, 3, 10, 8, generator=g)
     l0, d_l = torch.randn(2, 3, 10, generator=g), torch.randn(2, 3, 10, generator=g)
     l0[0, 0, :4] = float("-inf")  # rows whose skipped set was empty at the older pass
     o1, l1 = o0 + 3 * d_o, l0 + 3 * d_l  # passes at steps 4 and 7: slope d per step / 3 steps
-    out, lse = sparse_cached.forecast([(o0, l0, 4), (o1, l1, 7)], 9)
+    out, lse = estimate.forecast([(o0, l0, 4), (o1, l1, 7)], 9)
     finite = torch.isfinite(l0)
     assert torch.allclose(out[finite], (o0 + 5 * d_o)[finite], atol=1e-5)
     assert torch.allclose(lse[finite], (l0 + 5 * d_l)[finite], atol=1e-5)
@@ -161,7 +161,6 @@ def test_cached_probe_extrapolation_is_linear_in_the_step_and_leaves_empty_rows(
 @pytest.mark.parametrize("passes", [1, 2, 3])
 def test_scheduled_forecast_is_the_polynomial_through_the_passes(passes):
     """Against Lagrange's form in float64, on unevenly spaced clocks (timesteps)."""
-    from dit_accel.benchmarks import sparse_cached
 
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     xs = sorted((float(x) for x in torch.rand(passes, generator=g) * 1000), reverse=True)
@@ -177,13 +176,13 @@ def test_scheduled_forecast_is_the_polynomial_through_the_passes(passes):
             total = total + w * values[i].double()
         return total
 
-    out, lse = sparse_cached.forecast(list(zip(outs, lses, xs)), at)
+    out, lse = estimate.forecast(list(zip(outs, lses, xs)), at)
     finite = torch.stack([torch.isfinite(x) for x in lses]).all(0)
     want_lse = lagrange([torch.where(finite, x, 0.0) for x in lses])
     assert torch.allclose(lse[finite].double(), want_lse[finite], rtol=1e-4, atol=1e-4)
     assert torch.allclose(out[finite].double(), lagrange(outs)[finite], rtol=1e-4, atol=1e-4)
     assert torch.equal(lse[~finite], lses[-1][~finite]) and torch.equal(out[~finite], outs[-1][~finite])
-    half, half_lse = sparse_cached.forecast(list(zip(outs, lses, xs)), at, damp=0.5)  # halfway to the newest pass
+    half, half_lse = estimate.forecast(list(zip(outs, lses, xs)), at, damp=0.5)  # halfway to the newest pass
     assert torch.allclose(half[finite].double(), (lagrange(outs) + outs[-1].double())[finite] / 2, rtol=1e-4, atol=1e-4)
     assert torch.allclose(half_lse[finite].double(), (want_lse + lses[-1].double())[finite] / 2, rtol=1e-4, atol=1e-4)
 

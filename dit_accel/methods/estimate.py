@@ -1,0 +1,117 @@
+"""Estimating the key tiles a sparse pass skips: merging attention parts through their
+log-sum-exps, forecasting a part from earlier passes, and summary tokens of the skipped tiles.
+
+Attention over two disjoint key sets is exactly the merge of each set's output weighted by its
+log-sum-exp (LSE), so a sparse pass can add an estimate of the tiles it skips as one more part:
+`Neighborhood(estimate=True)` forecasts that part from the full passes and corrects the forecast
+by what summary tokens of the skipped tiles (one mean key and value per run of keys) do now.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.block_sparse import TILE, _tile_len_mask, blocks_to_mask
+from ..kernels.tile_order import TileOrder
+
+_CHUNK = 2**26  # float32 elements per temporary of `summary_attention` (256 MB)
+
+
+def merge(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
+    """Attention over two disjoint key sets from each set's output and log-sum-exp (same token order),
+    in ``out_a``'s dtype."""
+    m = torch.maximum(lse_a, lse_b)
+    a, b = torch.exp(lse_a - m).nan_to_num(0.0), torch.exp(lse_b - m).nan_to_num(0.0)
+    return ((a[..., None] * out_a.float() + b[..., None] * out_b.float()) / (a + b)[..., None]).to(out_a.dtype)
+
+
+def forecast(history, at: float, damp: float = 1.0):
+    """The (output, log-sum-exp) at ``at`` of the polynomial through the ``(output, lse, clock)``
+    passes of ``history`` (Newton's form; one pass: that pass), its change from the newest pass
+    scaled by ``damp``; rows where any pass skipped nothing (lse -inf) keep the newest pass's values."""
+    if len(history) == 1:
+        return history[-1][:2]
+    xs = [h[2] for h in history]
+    finite = torch.stack([torch.isfinite(h[1]) for h in history]).all(0)
+    outs = [h[0].float() for h in history]
+    lses = [torch.where(finite, h[1], 0.0) for h in history]
+    out, lse = _newton(outs, xs, at), _newton(lses, xs, at)
+    if damp != 1.0:
+        out, lse = outs[-1] + damp * (out - outs[-1]), lses[-1] + damp * (lse - lses[-1])
+    lse = torch.where(finite, lse, history[-1][1])
+    out = torch.where(finite[..., None], out, outs[-1])
+    return out.to(history[-1][0].dtype), lse
+
+
+def _newton(values, xs, at: float):
+    """The interpolating polynomial through ``(xs[i], values[i])`` evaluated at ``at``."""
+    coef = list(values)
+    for j in range(1, len(xs)):
+        for i in range(len(xs) - 1, j - 1, -1):
+            coef[i] = (coef[i] - coef[i - 1]) / (xs[i] - xs[i - j])
+    result = coef[-1]
+    for i in range(len(xs) - 2, -1, -1):
+        result = result * (at - xs[i]) + coef[i]
+    return result
+
+
+def slots(order: TileOrder) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model position of every tiled slot, which slots hold a token) of ``order``."""
+    idx = order.index.long()
+    return idx, _tile_len_mask(order.tile_len, idx.numel(), TILE)
+
+
+def to_model_order(out, lse, order: TileOrder, tokens: int):
+    """Per-slot ``out [B, H, slots, D]`` (or None) and ``lse [B, H, slots]`` -> model order
+    (``tokens`` positions; positions no slot holds get output 0 and lse -inf)."""
+    idx, valid = slots(order)
+    pos = idx[valid]
+    lse_m = lse.new_full((*lse.shape[:2], tokens), float("-inf"))
+    lse_m[:, :, pos] = lse[:, :, valid]
+    if out is None:
+        return None, lse_m
+    out_m = out.new_zeros((*out.shape[:2], tokens, out.shape[-1]))
+    out_m[:, :, pos] = out[:, :, valid]
+    return out_m, lse_m
+
+
+def summary_attention(q, k, v, blocks, counts, tile_len, seq_index, pool: int = TILE):
+    """Attention of every query to summary tokens of the key tiles its layout skips, in tile-slot order:
+    ``(out [B, H, slots, D] float32, lse [B, H, slots])``, plus the slots' model positions and validity.
+
+    Each skipped key tile gives ``TILE // pool`` summary tokens, one per run of ``pool`` slots: the
+    run's mean key and mean value, its score raised by log(run length), as if every key of the run
+    scored like the mean key (exact when they are equal). Rows that skip nothing get lse -inf and
+    output 0. Computed in float32 PyTorch, in chunks of tiles."""
+    if pool < 1 or TILE % pool:
+        raise ValueError(f"pool={pool}: keys per summary token must divide the tile ({TILE})")
+    idx = seq_index.long()
+    n, g = idx.numel() // TILE, TILE // pool
+    B, H, _, D = q.shape
+    valid = (_tile_len_mask(tile_len, idx.numel(), TILE) if tile_len is not None
+             else torch.ones_like(idx, dtype=torch.bool))
+    w = valid.view(n, g, pool).float()
+    length = w.sum(-1)  # [n, g]
+    bars = [q.new_empty((B, H, n, g, D), dtype=torch.float32) for _ in range(2)]
+    step = max(1, _CHUNK // (B * H * TILE * D))
+    for a in range(0, n, step):
+        m = min(n - a, step)
+        for x, bar in zip((k, v), bars):
+            run = x.index_select(2, idx[a * TILE:(a + m) * TILE]).view(B, H, m, g, pool, D).float()
+            bar[:, :, a:a + m] = torch.einsum("bhngpd,ngp->bhngd", run, w[a:a + m]) / length[a:a + m, :, None].clamp(1)
+    kbar, vbar = (bar.flatten(2, 3) for bar in bars)  # [B, H, n * g, D]
+    bias = length.log().flatten()  # empty runs: -inf
+    hidden = blocks_to_mask(blocks, counts, n, n, 1, 1).repeat_interleave(g, dim=-1)  # [B|1, H|1, n, n * g]
+    out = q.new_empty((B, H, n * TILE, D), dtype=torch.float32)
+    lse = q.new_empty((B, H, n * TILE), dtype=torch.float32)
+    step = max(1, _CHUNK // (B * H * TILE * n * g))
+    for a in range(0, n, step):
+        m = min(n - a, step)
+        qt = q.index_select(2, idx[a * TILE:(a + m) * TILE]).view(B, H, m, TILE, D).float()
+        s = torch.einsum("bhmtd,bhkd->bhmtk", qt, kbar) * D**-0.5 + bias
+        s = s.masked_fill(hidden[:, :, a:a + m, None, :], float("-inf"))
+        part = torch.logsumexp(s, -1)
+        p = torch.exp(s - part[..., None]).nan_to_num(0.0)
+        out[:, :, a * TILE:(a + m) * TILE] = torch.einsum("bhmtk,bhkd->bhmtd", p, vbar).reshape(B, H, m * TILE, D)
+        lse[:, :, a * TILE:(a + m) * TILE] = part.reshape(B, H, m * TILE)
+    return out, lse, idx, valid
