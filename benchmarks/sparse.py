@@ -516,22 +516,25 @@ WAN13B_LATENT = (1, 16, 21, 60, 104)
 
 
 def step_methods() -> dict:
-    """Methods of the full-step benchmark, each at a fixed attention density (~25% and ~10%)."""
+    """Methods of the full-step benchmark, each at a fixed attention density (~25% and ~10%);
+    Neighborhood's window alone (``estimate=False``), so that every step is a sparse step."""
     from dit_accel import Neighborhood, TemporalSparse
 
     fixed = dict(threshold=float("inf"), warmup_steps=1, refresh_every=0, refresh_tol=None)
     return {
-        "Neighborhood(window=(0.5, 0.5, 0.75)) ~25%": Neighborhood(window=(0.5, 0.5, 0.75)),
-        "Neighborhood(window=(0.25, 0.5, 0.5)) ~10%": Neighborhood(window=(0.25, 0.5, 0.5)),
+        "Neighborhood(window=(0.5, 0.5, 0.75), estimate=False) ~25%": Neighborhood(window=(0.5, 0.5, 0.75),
+                                                                                   estimate=False),
+        "Neighborhood(window=(0.25, 0.5, 0.5), estimate=False) ~10%": Neighborhood(window=(0.25, 0.5, 0.5),
+                                                                                   estimate=False),
         "TemporalSparse(density 0.25)": TemporalSparse(min_density=0.25, max_density=0.25, **fixed),
         "TemporalSparse(density 0.10)": TemporalSparse(min_density=0.10, max_density=0.10, **fixed),
         "TemporalSparse(density 0.25, packed=False)": TemporalSparse(min_density=0.25, max_density=0.25,
                                                                      packed=False, **fixed),
         # whole-clip 3D tiles: 260 tiles of 126 tokens (no padding) instead of 270 of at most 126
-        "Neighborhood(window=(1.0, 0.5, 0.5), tile=(21, 3, 2)) ~25%": Neighborhood(window=(1.0, 0.5, 0.5),
-                                                                                  tile=(21, 3, 2)),
-        "Neighborhood(window=(1.0, 0.3, 0.3), tile=(21, 3, 2)) ~10%": Neighborhood(window=(1.0, 0.3, 0.3),
-                                                                                  tile=(21, 3, 2)),
+        "Neighborhood(window=(1.0, 0.5, 0.5), tile=(21, 3, 2), estimate=False) ~25%":
+            Neighborhood(window=(1.0, 0.5, 0.5), tile=(21, 3, 2), estimate=False),
+        "Neighborhood(window=(1.0, 0.3, 0.3), tile=(21, 3, 2), estimate=False) ~10%":
+            Neighborhood(window=(1.0, 0.3, 0.3), tile=(21, 3, 2), estimate=False),
     }
 
 

@@ -2,7 +2,7 @@
 the ShapesBench reference model?
 
     python -m dit_accel.benchmarks.sparse_pooled                      # GPU, 64 held-out prompts
-    python -m dit_accel.benchmarks.sparse_pooled --prompts 1 --steps 1 --configs "Neighborhood()"  # smoke
+    python -m dit_accel.benchmarks.sparse_pooled --prompts 1 --steps 1 --configs "Neighborhood(estimate=False)"  # smoke
 
 The reference model attends broadly, so skipping tiles changes its videos a lot
 (``sparse_quality.py``). Here every sparse attention call is patched: besides the visited tiles
@@ -39,10 +39,11 @@ import dit_accel.methods.sparse as sparse_methods
 N, T = dit_accel.Neighborhood, dit_accel.TemporalSparse
 NO_REFRESH = dict(warmup_steps=2, refresh_every=0, refresh_tol=None)
 CONFIGS = {
-    "Neighborhood()": lambda: N(),
-    "Neighborhood(window=(1.0, 0.5, 0.5))": lambda: N(window=(1.0, 0.5, 0.5)),
-    "Neighborhood(window=(0.75, 0.5, 1.0))": lambda: N(window=(0.75, 0.5, 1.0)),
-    "Neighborhood(window=(0.5, 0.5, 1.0), dense_steps=3)": lambda: N(window=(0.5, 0.5, 1.0), dense_steps=3),
+    "Neighborhood(estimate=False)": lambda: N(estimate=False),
+    "Neighborhood(window=(1.0, 0.5, 0.5), estimate=False)": lambda: N(window=(1.0, 0.5, 0.5), estimate=False),
+    "Neighborhood(window=(0.75, 0.5, 1.0), estimate=False)": lambda: N(window=(0.75, 0.5, 1.0), estimate=False),
+    "Neighborhood(window=(0.5, 0.5, 1.0), dense_steps=3, estimate=False)":
+        lambda: N(window=(0.5, 0.5, 1.0), dense_steps=3, estimate=False),
     "TemporalSparse(threshold=-4, max_density=0.4, refresh off)": lambda: T(threshold=-4.0, max_density=0.4,
                                                                              **NO_REFRESH),
     "TemporalSparse(threshold=-6, max_density=0.3, refresh off)": lambda: T(threshold=-6.0, max_density=0.3,

@@ -36,6 +36,7 @@ def configs(which: str) -> dict[str, dit_accel.AttentionMethod]:
     out = {"Neighborhood()": dit_accel.Neighborhood(), "TemporalSparse()": dit_accel.TemporalSparse()}
     if which == "defaults":
         return out
+    # Neighborhood's sweep is of the window alone (estimate=False, as Neighborhood ran before the estimate).
     # densities on the default 17x16x16 grid (2x8x8 tiles, 36 of them): window (0.5, 0.5, 0.5) 14%,
     # (0.75, 0.5, 0.5) 20%, (1.0, 0.5, 0.5) 25%, (0.5, 0.5, 1.0) 29%, (0.75, 0.5, 1.0) 40%; dense steps
     # and layers count as density 1. Layers 0, 5 and 7 of the shipped model are its least concentrated
@@ -43,12 +44,14 @@ def configs(which: str) -> dict[str, dit_accel.AttentionMethod]:
     N, T = dit_accel.Neighborhood, dit_accel.TemporalSparse
     fixed = dict(warmup_steps=2, refresh_every=0, refresh_tol=None)
     sweep = {
-        "Neighborhood(dense_steps=2)": N(dense_steps=2),
-        "Neighborhood(window=(1.0, 0.5, 0.5))": N(window=(1.0, 0.5, 0.5)),
-        "Neighborhood(window=(0.5, 0.5, 1.0))": N(window=(0.5, 0.5, 1.0)),
-        "Neighborhood(window=(0.5, 0.5, 1.0), dense_steps=3)": N(window=(0.5, 0.5, 1.0), dense_steps=3),
-        "Neighborhood(window=(0.75, 0.5, 1.0))": N(window=(0.75, 0.5, 1.0)),
-        "Neighborhood(window=(1.0, 0.5, 0.5), dense_layers=(0,))": N(window=(1.0, 0.5, 0.5), dense_layers=(0,)),
+        "Neighborhood(dense_steps=2, estimate=False)": N(dense_steps=2, estimate=False),
+        "Neighborhood(window=(1.0, 0.5, 0.5), estimate=False)": N(window=(1.0, 0.5, 0.5), estimate=False),
+        "Neighborhood(window=(0.5, 0.5, 1.0), estimate=False)": N(window=(0.5, 0.5, 1.0), estimate=False),
+        "Neighborhood(window=(0.5, 0.5, 1.0), dense_steps=3, estimate=False)":
+            N(window=(0.5, 0.5, 1.0), dense_steps=3, estimate=False),
+        "Neighborhood(window=(0.75, 0.5, 1.0), estimate=False)": N(window=(0.75, 0.5, 1.0), estimate=False),
+        "Neighborhood(window=(1.0, 0.5, 0.5), dense_layers=(0,), estimate=False)":
+            N(window=(1.0, 0.5, 0.5), dense_layers=(0,), estimate=False),
         "TemporalSparse(threshold=-6)": T(threshold=-6.0),
         "TemporalSparse(threshold=-4)": T(threshold=-4.0),
         "TemporalSparse(threshold=-2)": T(threshold=-2.0),

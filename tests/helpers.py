@@ -71,3 +71,17 @@ def attention_call(grid, text=0, text_first=False, step=0, kind=None, state=None
                          timestep=None if timestep is None else torch.tensor([float(timestep)]))
     store = state if state is not None else {}
     return AttentionCall(layout, ModuleInfo("blocks.0.attn1", 0, kind), span, lambda: store)
+
+
+def summary64(q, k, v, kept, order, pool):
+    """float64 attention of every query to the mean key/value of each run of ``pool`` slots of the key
+    tiles its query tile skips (``kept``: bool [query tile, key tile] in tiled order), scores raised
+    by log(pool): (output, log-sum-exp) in model order. For orders without padding slots."""
+    n, g = kept.shape[0], 128 // pool
+    pos = order.index.long().view(n, g, pool)
+    kbar, vbar = (x.double()[:, :, pos].mean(-2).flatten(2, 3) for x in (k, v))  # [B, H, n * g, D]
+    tile_of = torch.empty(q.shape[2], dtype=torch.long)
+    tile_of[order.index.long()] = torch.arange(n * 128) // 128
+    s = q.double() @ kbar.transpose(-1, -2) * q.shape[-1] ** -0.5 + math.log(pool)
+    s = s.masked_fill(kept[tile_of][:, torch.arange(n).repeat_interleave(g)], float("-inf"))
+    return torch.softmax(s, -1) @ vbar, torch.logsumexp(s, -1)

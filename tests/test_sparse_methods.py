@@ -143,7 +143,7 @@ def test_neighborhood_equals_masked_attention(text, text_first, triton, monkeypa
     whole = dit_accel.Neighborhood(window=grid, tile=(1, 6, 10))
     out = whole(q, k, v, None, attention_call(grid, text, text_first))
     assert (out.double() - _float64_masked(q, k, v, torch.ones(S, S, dtype=torch.bool))).abs().max() < 1e-5
-    local = dit_accel.Neighborhood(window=(1, 6, 10), tile=(1, 6, 10))
+    local = dit_accel.Neighborhood(window=(1, 6, 10), tile=(1, 6, 10), estimate=False)
     out = local(q, k, v, None, attention_call(grid, text, text_first))
     order = tile_order(grid, (1, 6, 10), text, text_first)
     tiles = window_tiles(order, (1, 6, 10))
@@ -232,11 +232,11 @@ def test_dense_steps_count_as_full_density():
     grid = (2, 8, 16)
     S = math.prod(grid)
     q, k, v = (torch.randn(1, 2, S, 32) for _ in range(3))
-    sparse = dit_accel.Neighborhood(window=(1, 8, 16), tile=(1, 8, 16))
+    sparse = dit_accel.Neighborhood(window=(1, 8, 16), tile=(1, 8, 16), estimate=False)
     sparse(q, k, v, None, attention_call(grid, step=1))
     d = sparse.density()
     assert d == pytest.approx(0.5)  # one of two frames
-    mixed = dit_accel.Neighborhood(window=(1, 8, 16), tile=(1, 8, 16), dense_steps=1)
+    mixed = dit_accel.Neighborhood(window=(1, 8, 16), tile=(1, 8, 16), dense_steps=1, estimate=False)
     out0 = mixed(q, k, v, None, attention_call(grid, step=0))
     assert (out0 - F.scaled_dot_product_attention(q, k, v)).abs().max() < 1e-5
     mixed(q, k, v, None, attention_call(grid, step=1))
@@ -264,7 +264,7 @@ def test_methods_through_the_processor(family):
         assert (out - stock).abs().max().item() <= 1e-5, method
         assert method.density() == pytest.approx(1.0), f"{method} never ran sparse on {family}"
     small = (1, 4, 4) if family in ("ltx", "flux") else (1, 2, 2)  # grids of 8x8 / 4x4 tokens per frame
-    local = dit_accel.Neighborhood(window=small, tile=small)
+    local = dit_accel.Neighborhood(window=small, tile=small, estimate=False)
     handle = dit_accel.apply(pipe, attention=local)
     out = pipeline_output(pipe, kwargs)
     handle.remove()

@@ -9,7 +9,7 @@ from dit_accel.benchmarks import sparse_pooled
 from dit_accel.methods import estimate
 from dit_accel.methods.estimate import to_model_order
 from dit_accel.kernels.block_sparse import TILE, block_sparse_attention_reference, tiles_to_blocks
-from helpers import attention_call
+from helpers import attention_call, summary64
 
 import dit_accel.methods.sparse as sparse_methods
 
@@ -187,19 +187,6 @@ def test_scheduled_forecast_is_the_polynomial_through_the_passes(passes):
     assert torch.allclose(half_lse[finite].double(), (want_lse + lses[-1].double())[finite] / 2, rtol=1e-4, atol=1e-4)
 
 
-def _summary64(q, k, v, kept, order, pool):
-    """float64 attention of every query to the mean key/value of each run of ``pool`` slots of the key
-    tiles its query tile skips (``kept``: [query tile, key tile]), scores raised by log(pool)."""
-    n, g = kept.shape[0], TILE // pool
-    pos = order.index.long().view(n, g, pool)  # no padding in these grids
-    kbar, vbar = (x.double()[:, :, pos].mean(-2).flatten(2, 3) for x in (k, v))  # [B, H, n * g, D]
-    tile_of = torch.empty(q.shape[2], dtype=torch.long)
-    tile_of[order.index.long()] = torch.arange(n * TILE) // TILE
-    s = q.double() @ kbar.transpose(-1, -2) * q.shape[-1] ** -0.5 + math.log(pool)
-    s = s.masked_fill(kept[tile_of][:, torch.arange(n).repeat_interleave(g)], float("-inf"))
-    return torch.softmax(s, -1) @ vbar, torch.logsumexp(s, -1)
-
-
 @pytest.mark.parametrize("degree, window, correct", [(0, None, 0.0), (1, None, 0.0), (1, (1, 1, 1), 0.0),
                                                      (0, None, 1.0), (1, None, 0.5)])
 def test_scheduled_tiles_full_steps_and_forecast(degree, window, correct):
@@ -243,7 +230,7 @@ def test_scheduled_tiles_full_steps_and_forecast(degree, window, correct):
                 rest = s.masked_fill(keep_pairs, float("-inf"))
                 lse = torch.logsumexp(rest, -1)
                 skipped[step] = (torch.softmax(rest, -1) @ v.double(), lse, t)
-                summary[step] = (*_summary64(q, k, v, kept, order, 32), t)
+                summary[step] = (*summary64(q, k, v, kept, order, 32), t)
             continue
         newest = [x for x in (1, 3, 5) if x < step][-degree - 1:]
 
@@ -253,7 +240,7 @@ def test_scheduled_tiles_full_steps_and_forecast(degree, window, correct):
             (o0, l0, t0), (o1, l1, t1) = (passes[x] for x in newest)
             return o1 + (t - t1) / (t1 - t0) * (o1 - o0), l1 + (t - t1) / (t1 - t0) * (l1 - l0)
         o_rest, l_rest = guess(skipped)
-        o_now, l_now = _summary64(q, k, v, kept, order, 32)
+        o_now, l_now = summary64(q, k, v, kept, order, 32)
         o_sum, l_sum = guess(summary)
         o_rest, l_rest = o_rest + correct * (o_now - o_sum), l_rest + correct * (l_now - l_sum)
         live = s.masked_fill(~layout, float("-inf"))

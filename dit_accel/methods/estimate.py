@@ -63,15 +63,16 @@ def slots(order: TileOrder) -> tuple[torch.Tensor, torch.Tensor]:
 
 def to_model_order(out, lse, order: TileOrder, tokens: int):
     """Per-slot ``out [B, H, slots, D]`` (or None) and ``lse [B, H, slots]`` -> model order
-    (``tokens`` positions; positions no slot holds get output 0 and lse -inf)."""
+    (``tokens`` positions; positions no slot holds get output 0 and lse -inf). Slots past the
+    order's length (a padded last tile) are dropped."""
     idx, valid = slots(order)
-    pos = idx[valid]
+    pos, length = idx[valid], idx.numel()
     lse_m = lse.new_full((*lse.shape[:2], tokens), float("-inf"))
-    lse_m[:, :, pos] = lse[:, :, valid]
+    lse_m[:, :, pos] = lse[:, :, :length][:, :, valid]
     if out is None:
         return None, lse_m
     out_m = out.new_zeros((*out.shape[:2], tokens, out.shape[-1]))
-    out_m[:, :, pos] = out[:, :, valid]
+    out_m[:, :, pos] = out[:, :, :length][:, :, valid]
     return out_m, lse_m
 
 
@@ -86,10 +87,12 @@ def summary_attention(q, k, v, blocks, counts, tile_len, seq_index, pool: int = 
     if pool < 1 or TILE % pool:
         raise ValueError(f"pool={pool}: keys per summary token must divide the tile ({TILE})")
     idx = seq_index.long()
-    n, g = idx.numel() // TILE, TILE // pool
+    n, g = -(-idx.numel() // TILE), TILE // pool
     B, H, _, D = q.shape
     valid = (_tile_len_mask(tile_len, idx.numel(), TILE) if tile_len is not None
              else torch.ones_like(idx, dtype=torch.bool))
+    if idx.numel() < n * TILE:  # a short last tile (text): pad with empty slots
+        idx, valid = (torch.cat([x, x.new_zeros(n * TILE - x.numel())]) for x in (idx, valid))
     w = valid.view(n, g, pool).float()
     length = w.sum(-1)  # [n, g]
     bars = [q.new_empty((B, H, n, g, D), dtype=torch.float32) for _ in range(2)]
