@@ -48,7 +48,7 @@ SHAPES = {
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
 WAN480 = "wan2.1-1.3b-480p-81f"  # the shape of the single-shape parts (overhead, extras, tail, patterns, fixed)
-PARTS = ("kernel", "overhead", "extras", "step", "tail", "patterns", "fixed")
+PARTS = ("kernel", "overhead", "extras", "step", "tail", "patterns", "fixed", "generation")
 # launch configurations tried for the Triton kernel (knobs of block_sparse_attention_triton;
 # max_registers 0 = no cap); 4 warps lost everywhere at head_dim 128 in the first sweeps (results of
 # 2dee894), so only 8 warps are swept; TMA loads and warp specialization never won beyond noise
@@ -542,20 +542,9 @@ def bench_step(iters: int, config: dict | None = None, latent=WAN13B_LATENT, tex
     """One denoising step of a random-weight Wan2.1-1.3B transformer (bf16) at 480p / 81 frames:
     stock (diffusers' processor, cuDNN SDPA) vs each sparse method at steady state (after its
     warm-up steps). Timesteps decrease from call to call, as in a generation."""
-    from diffusers import WanTransformer3DModel
-
     import dit_accel
 
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(**(config or WAN13B)).to("cuda", torch.bfloat16).eval()
-    x = torch.randn(*latent, device="cuda", dtype=torch.bfloat16)
-    text = torch.randn(latent[0], text_len, model.config.text_dim, device="cuda", dtype=torch.bfloat16)
-    clock = iter(range(999, -10**9, -1))
-
-    def step():
-        t = torch.full((latent[0],), float(next(clock)), device="cuda")
-        with torch.no_grad():
-            return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    model, step = _wan_step(config, latent, text_len)
 
     def timed() -> float:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -576,6 +565,66 @@ def bench_step(iters: int, config: dict | None = None, latent=WAN13B_LATENT, tex
     return rows
 
 
+def _wan_step(config: dict | None, latent, text_len: int):
+    """A random-weight Wan transformer (bf16, CUDA) and ``step(t=None)``: one call of it on fixed
+    inputs at timestep ``t`` (default: one below the previous call's, as in a generation)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**(config or WAN13B)).to("cuda", torch.bfloat16).eval()
+    x = torch.randn(*latent, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(latent[0], text_len, model.config.text_dim, device="cuda", dtype=torch.bfloat16)
+    clock = iter(range(999, -10**9, -1))
+
+    def step(t: float | None = None):
+        t = torch.full((latent[0],), float(next(clock) if t is None else t), device="cuda")
+        with torch.no_grad():
+            return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+    return model, step
+
+
+def bench_generation(steps: int = 20, config: dict | None = None, latent=WAN13B_LATENT, text_len: int = 512) -> dict:
+    """The transformer's time over one generation of ``steps`` steps (timesteps falling from 999) of a
+    random-weight Wan2.1-1.3B at 480p / 81 frames: stock (cuDNN SDPA) vs `Neighborhood()` at its
+    defaults, whose full passes and sparse steps alternate on its schedule, with its density and the
+    memory its forecast holds (peak allocated above the stock run's)."""
+    import dit_accel
+
+    model, step = _wan_step(config, latent, text_len)
+    timesteps = [999.0 * (1 - i / steps) for i in range(steps)]
+
+    def generation() -> list[float]:
+        out = []
+        for t in timesteps:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(t)
+            end.record()
+            torch.cuda.synchronize()
+            out.append(round(start.elapsed_time(end), 2))
+        return out
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        generation()  # warm-up
+        torch.cuda.reset_peak_memory_stats()
+        stock = generation()
+        stock_peak = torch.cuda.max_memory_allocated()
+        method = dit_accel.Neighborhood()
+        with dit_accel.apply(model, attention=method):
+            generation()  # warm-up / compilation; the next call's higher timestep starts a new generation
+            method.reset_stats()
+            torch.cuda.reset_peak_memory_stats()
+            ours = generation()
+            peak = torch.cuda.max_memory_allocated()
+    row = dict(method="Neighborhood() (defaults: estimate)", config=method.to_dict(), steps=steps,
+               stock_ms=round(sum(stock), 1), ms=round(sum(ours), 1), speedup=round(sum(stock) / sum(ours), 3),
+               density=round(method.density(), 4), extra_memory_gb=round((peak - stock_peak) / 2**30, 2),
+               stock_step_ms=stock, step_ms=ours)
+    print(f"  {row}", flush=True)
+    return row
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
@@ -591,7 +640,9 @@ def main(argv=None) -> None:
                          "outputs per launch configuration, Wan 480p), step (full Wan2.1-1.3B transformer step), "
                          "tail (what the last, partial wave of CTAs costs, Wan 480p), patterns (random, banded "
                          "and shared layouts of equal density, Wan 480p), fixed (what a call costs besides its key "
-                         "tiles: 0 to all key tiles per query tile, equal and varied counts, Wan 480p)")
+                         "tiles: 0 to all key tiles per query tile, equal and varied counts, Wan 480p), "
+                         "generation (a 20-step generation of the Wan2.1-1.3B transformer with Neighborhood() at its "
+                         "defaults against stock)")
     ap.add_argument("--configs", default="sweep:wan2.1-1.3b-480p-81f",
                     help="kernel launch configurations: 'sweep' (all shapes), 'sweep:SHAPE' (that shape; the "
                          "others use the defaults) or 'default'; 'tma' instead of 'sweep' sweeps the TMA and "
@@ -666,6 +717,9 @@ def main(argv=None) -> None:
         print_table(step, ["method", "ms", "speedup", "density"])
         payload["step"] = {"model": "WanTransformer3DModel, Wan2.1-T2V-1.3B config, random weights, bf16",
                            "latent": list(WAN13B_LATENT), "text_tokens": 512, "rows": step}
+    if "generation" in parts:
+        payload["generation"] = {"model": "WanTransformer3DModel, Wan2.1-T2V-1.3B config, random weights, bf16",
+                                 "latent": list(WAN13B_LATENT), "text_tokens": 512, **bench_generation()}
     print("wrote", write_result(args.name, payload, args.out))
 
 
