@@ -76,6 +76,64 @@ def to_model_order(out, lse, order: TileOrder, tokens: int):
     return out_m, lse_m
 
 
+def _padded(idx, valid, n: int):
+    """Slot positions and validity padded with empty slots to ``n`` whole tiles (a short last tile:
+    text)."""
+    pad = n * TILE - idx.numel()
+    return (idx, valid) if not pad else tuple(torch.cat([x, x.new_zeros(pad)]) for x in (idx, valid))
+
+
+def run_means(x, idx, valid, pool: int):
+    """Mean of ``x [B, H, S, D]`` over each run of ``pool`` consecutive slots (model positions ``idx``,
+    only the ``valid`` ones): ``([B, H, runs, D] float32, run lengths [runs])``, in chunks of runs."""
+    B, H, _, D = x.shape
+    runs = idx.numel() // pool
+    w = valid.view(runs, pool, 1).float()
+    length = w.sum((1, 2))
+    out = x.new_empty((B, H, runs, D), dtype=torch.float32)
+    step = max(1, _CHUNK // (B * H * pool * D))
+    for a in range(0, runs, step):
+        m = min(runs - a, step)
+        run = x.index_select(2, idx[a * pool:(a + m) * pool]).view(B, H, m, pool, D).float()
+        out[:, :, a:a + m] = (run * w[a:a + m]).sum(-2) / length[a:a + m, None].clamp(1)
+    return out, length
+
+
+def summary_bias(order: TileOrder, blocks, counts) -> torch.Tensor:
+    """Score bias ``[tokens, n]`` in model order for one summary token per key tile: log(tile length)
+    where the token's query tile skips that key tile, -inf where it visits it (a layout shared by
+    every batch and head row: ``blocks`` ``[1, 1, n, k]``) or the tile is empty."""
+    idx, valid = slots(order)
+    n = order.tile_len.numel()
+    visited = blocks_to_mask(blocks, counts, n, n, 1, 1)[0, 0].to(idx.device)
+    tile_of = torch.empty(int(order.tile_len.sum()), dtype=torch.long, device=idx.device)
+    tile_of[idx[valid]] = (torch.arange(idx.numel(), device=idx.device) // TILE)[valid]
+    bias = order.tile_len.to(idx.device).float().log().expand(n, n).masked_fill(visited, float("-inf"))
+    return bias[tile_of]
+
+
+def summary_part(q, k, v, order: TileOrder, bias):
+    """Attention of every query to one summary token per key tile (the tile's mean key and mean value)
+    under ``bias`` (`summary_bias`: which tiles each query sees, their log lengths), in model order:
+    ``(out in q's dtype, lse float32)``; rows that see no summary get output 0 and lse -inf. Scores
+    and the value product run as matmuls in q's dtype, the softmax in float32, in chunks of rows."""
+    idx, valid = slots(order)
+    n = order.tile_len.numel()
+    idx, valid = _padded(idx, valid, n)
+    kbar, vbar = (run_means(x, idx, valid, TILE)[0].to(q.dtype) for x in (k, v))  # [B, H, n, D]
+    B, H, S, D = q.shape
+    out = torch.empty_like(q)
+    lse = q.new_empty((B, H, S), dtype=torch.float32)
+    rows = max(1, _CHUNK // (B * H * n))
+    for a in range(0, S, rows):
+        s = torch.matmul(q[:, :, a:a + rows], kbar.transpose(-1, -2)).float() * D**-0.5 + bias[a:a + rows]
+        part = torch.logsumexp(s, -1)
+        p = torch.exp(s - part[..., None]).nan_to_num_(0.0)
+        out[:, :, a:a + rows] = torch.matmul(p.to(q.dtype), vbar)
+        lse[:, :, a:a + rows] = part
+    return out, lse
+
+
 def summary_attention(q, k, v, blocks, counts, tile_len, seq_index, pool: int = TILE):
     """Attention of every query to summary tokens of the key tiles its layout skips, in tile-slot order:
     ``(out [B, H, slots, D] float32, lse [B, H, slots])``, plus the slots' model positions and validity.
@@ -91,19 +149,10 @@ def summary_attention(q, k, v, blocks, counts, tile_len, seq_index, pool: int = 
     B, H, _, D = q.shape
     valid = (_tile_len_mask(tile_len, idx.numel(), TILE) if tile_len is not None
              else torch.ones_like(idx, dtype=torch.bool))
-    if idx.numel() < n * TILE:  # a short last tile (text): pad with empty slots
-        idx, valid = (torch.cat([x, x.new_zeros(n * TILE - x.numel())]) for x in (idx, valid))
-    w = valid.view(n, g, pool).float()
-    length = w.sum(-1)  # [n, g]
-    bars = [q.new_empty((B, H, n, g, D), dtype=torch.float32) for _ in range(2)]
-    step = max(1, _CHUNK // (B * H * TILE * D))
-    for a in range(0, n, step):
-        m = min(n - a, step)
-        for x, bar in zip((k, v), bars):
-            run = x.index_select(2, idx[a * TILE:(a + m) * TILE]).view(B, H, m, g, pool, D).float()
-            bar[:, :, a:a + m] = torch.einsum("bhngpd,ngp->bhngd", run, w[a:a + m]) / length[a:a + m, :, None].clamp(1)
-    kbar, vbar = (bar.flatten(2, 3) for bar in bars)  # [B, H, n * g, D]
-    bias = length.log().flatten()  # empty runs: -inf
+    idx, valid = _padded(idx, valid, n)
+    kbar, length = run_means(k, idx, valid, pool)
+    vbar, _ = run_means(v, idx, valid, pool)
+    bias = length.log()  # empty runs: -inf
     hidden = blocks_to_mask(blocks, counts, n, n, 1, 1).repeat_interleave(g, dim=-1)  # [B|1, H|1, n, n * g]
     out = q.new_empty((B, H, n * TILE, D), dtype=torch.float32)
     lse = q.new_empty((B, H, n * TILE), dtype=torch.float32)

@@ -206,7 +206,8 @@ class Neighborhood(_TiledSparse):
     full_every: int = 4
     correct: float = 1.0
     # (id(order), device) -> (pairs per attention row, kv_blocks, kv_counts, order, outside): one per
-    # geometry; outside: (summary pairs per row, kv_blocks, kv_counts) of the tiles outside the window
+    # geometry; outside (with the estimate): (summary pairs per row, kv_blocks, kv_counts of the tiles
+    # outside the window, the summary tokens' score bias, whether some rows skip nothing)
     _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -258,7 +259,9 @@ class Neighborhood(_TiledSparse):
             outside = None
             if self.estimate and not tiles.all():  # one summary token per (query, skipped non-empty tile)
                 summary_pairs = float(torch.einsum("bhqk,q,k->", (~tiles).double(), lens, (lens > 0).double()))
-                outside = (summary_pairs, *(t.to(device) for t in tiles_to_blocks(~tiles)))
+                some_full = bool(tiles[0, 0].all(-1).any())  # rows that skip nothing (text queries)
+                outside = (summary_pairs, *(t.to(device) for t in tiles_to_blocks(~tiles)),
+                           _est.summary_bias(order, blocks.to(device), counts.to(device)), some_full)
             # order pins id()
             self._layouts[key] = (row_pairs, blocks.to(device), counts.to(device), order, outside)
         return self._layouts[key]
@@ -281,21 +284,25 @@ class Neighborhood(_TiledSparse):
         if state.get("no_room"):
             self._count_full(order, rows)
             return self._dense(query, key, value, attn_mask, call)
-        summary_pairs, out_blocks, out_counts = outside
         inside = self._pass(query, key, value, order, blocks, counts)
         if self._full_step(step) or "history" not in state:
             self._count_full(order, rows)
-            rest = self._pass(query, key, value, order, out_blocks, out_counts)
+            rest = self._pass(query, key, value, order, *outside[1:3])
             if step >= self._warmup:
-                self._remember(state, rest, query, key, value, order, blocks, counts, step, summary_pairs)
+                self._remember(state, rest, query, key, value, order, outside, step)
             return _est.merge(*inside, *rest)
         self._count(row_pairs, order, rows)
-        out, lse = _est.forecast(state["history"], step)
-        if self.correct:  # the forecast of (rest - correct * summary), plus correct * the summary now
-            now_out, now_lse = self._summary(query, key, value, order, blocks, counts, summary_pairs)
-            ok = torch.isfinite(now_lse)  # rows that skip nothing have no summary (and nothing to estimate)
-            out = torch.where(ok[..., None], out.float() + self.correct * now_out, out.float())
-            lse = torch.where(ok, lse + self.correct * now_lse, lse)
+        history = state["history"]
+        out, lse = history[-1][:2]
+        if len(history) == 2:  # the line through the last two full passes
+            (o1, l1, t1), (o2, l2, t2) = history
+            w = 1.0 + (step - t2) / (t2 - t1)
+            out, lse = torch.lerp(o1, o2, w), torch.lerp(l1, l2, w)
+            if outside[4]:
+                lse = torch.where(torch.isfinite(l2), lse, l2)
+        if self.correct:  # the forecast of (outside - correct x summary), plus correct x the summary now
+            now_out, now_lse = self._summary(query, key, value, order, outside)
+            out, lse = torch.add(out, now_out, alpha=self.correct), lse + self.correct * now_lse
         return _est.merge(*inside, out, lse)
 
     @staticmethod
@@ -305,13 +312,12 @@ class Neighborhood(_TiledSparse):
                                           seq_index=order.index, return_lse=True)
         return out, _est.to_model_order(None, lse, order, query.shape[2])[1]
 
-    def _summary(self, query, key, value, order, blocks, counts, summary_pairs):
-        """The summary tokens' part (output float32, log-sum-exp) in model order, counted in density."""
-        self._pairs[0] += summary_pairs * query.shape[0] * query.shape[1]
-        out, lse, _, _ = _est.summary_attention(query, key, value, blocks, counts, order.tile_len, order.index)
-        return _est.to_model_order(out, lse, order, query.shape[2])
+    def _summary(self, query, key, value, order, outside):
+        """The summary tokens' part (output, log-sum-exp) in model order, counted in density."""
+        self._pairs[0] += outside[0] * query.shape[0] * query.shape[1]
+        return _est.summary_part(query, key, value, order, outside[3])
 
-    def _remember(self, state, rest, query, key, value, order, blocks, counts, step, summary_pairs) -> None:
+    def _remember(self, state, rest, query, key, value, order, outside, step) -> None:
         """Keep a full pass's outside part (minus `correct` x its summary part) for the forecast: the
         last two passes, in the query's dtype. The first time per layer and branch, check that CUDA
         memory holds them; where it does not, that layer and branch run dense from now on."""
@@ -325,10 +331,11 @@ class Neighborhood(_TiledSparse):
                        need / 2**30, query.device)
             return
         if self.correct:
-            s_out, s_lse = self._summary(query, key, value, order, blocks, counts, summary_pairs)
-            ok = torch.isfinite(s_lse)  # rows that skip nothing (text queries) have no summary
-            out = torch.where(ok[..., None], out.float() - self.correct * s_out, out.float()).to(query.dtype)
-            lse = torch.where(ok, lse - self.correct * s_lse, lse)
+            s_out, s_lse = self._summary(query, key, value, order, outside)
+            out, lse = torch.add(out, s_out, alpha=-self.correct), lse - self.correct * s_lse
+        if outside[4]:  # rows that skip nothing (text queries): no part outside, output 0
+            ok = torch.isfinite(rest[1])
+            out, lse = torch.where(ok[..., None], out, 0.0), torch.where(ok, lse, float("-inf"))
         state["history"] = [*state.get("history", [])[-1:], (out, lse, step)]
 
 
