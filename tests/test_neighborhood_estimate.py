@@ -153,3 +153,18 @@ def test_estimate_through_the_processor():
         assert method.density() < 0.9
     assert torch.isfinite(outs[True]).all()
     assert (outs[True] - outs[False]).abs().max().item() > 1e-4
+
+
+def test_merge_into_is_the_lse_merge():
+    """merge_into (one interpolation) against the float64 merge of two attention parts, including rows
+    whose second part is empty (lse -inf)."""
+    from dit_accel.methods.estimate import merge_into
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    out_a, out_b = (torch.randn(2, 3, 50, 16, generator=g) for _ in range(2))
+    lse_a, lse_b = (torch.randn(2, 3, 50, generator=g) * 4 for _ in range(2))
+    lse_b[:, :, :5] = float("-inf")
+    got = merge_into(out_a, lse_a, out_b, lse_b).double()
+    expect = _merge64(out_a.double(), lse_a.double(), out_b.double(), lse_b.double())
+    assert (got - expect).abs().max() < 1e-5
+    assert torch.equal(got[:, :, :5], out_a[:, :, :5].double())

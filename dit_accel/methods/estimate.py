@@ -25,6 +25,13 @@ def merge(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
     return ((a[..., None] * out_a.float() + b[..., None] * out_b.float()) / (a + b)[..., None]).to(out_a.dtype)
 
 
+def merge_into(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
+    """`merge` as one interpolation in ``out_a``'s dtype (its weight ``sigmoid(lse_b - lse_a)`` rounded
+    to that dtype too); ``lse_a`` must be finite."""
+    weight = torch.sigmoid(lse_b - lse_a).to(out_a.dtype)[..., None]
+    return torch.lerp(out_a, out_b.to(out_a.dtype), weight)
+
+
 def forecast(history, at: float, damp: float = 1.0):
     """The (output, log-sum-exp) at ``at`` of the polynomial through the ``(output, lse, clock)``
     passes of ``history`` (Newton's form; one pass: that pass), its change from the newest pass
@@ -88,14 +95,15 @@ def run_means(x, idx, valid, pool: int):
     only the ``valid`` ones): ``([B, H, runs, D] float32, run lengths [runs])``, in chunks of runs."""
     B, H, _, D = x.shape
     runs = idx.numel() // pool
-    w = valid.view(runs, pool, 1).float()
-    length = w.sum((1, 2))
+    w = valid.view(runs, pool, 1)
+    length = w.sum((1, 2)).float()
+    w = w.to(x.dtype)
     out = x.new_empty((B, H, runs, D), dtype=torch.float32)
     step = max(1, _CHUNK // (B * H * pool * D))
     for a in range(0, runs, step):
         m = min(runs - a, step)
-        run = x.index_select(2, idx[a * pool:(a + m) * pool]).view(B, H, m, pool, D).float()
-        out[:, :, a:a + m] = (run * w[a:a + m]).sum(-2) / length[a:a + m, None].clamp(1)
+        run = x.index_select(2, idx[a * pool:(a + m) * pool]).view(B, H, m, pool, D).mul_(w[a:a + m])
+        out[:, :, a:a + m] = run.sum(-2, dtype=torch.float32) / length[a:a + m, None].clamp(1)
     return out, length
 
 
@@ -120,15 +128,16 @@ def summary_part(q, k, v, order: TileOrder, bias):
     idx, valid = slots(order)
     n = order.tile_len.numel()
     idx, valid = _padded(idx, valid, n)
-    kbar, vbar = (run_means(x, idx, valid, TILE)[0].to(q.dtype) for x in (k, v))  # [B, H, n, D]
     B, H, S, D = q.shape
+    kbar = (run_means(k, idx, valid, TILE)[0] * D**-0.5).to(q.dtype).transpose(-1, -2)  # scale folded in
+    vbar = run_means(v, idx, valid, TILE)[0].to(q.dtype)  # [B, H, n, D]
     out = torch.empty_like(q)
     lse = q.new_empty((B, H, S), dtype=torch.float32)
     rows = max(1, _CHUNK // (B * H * n))
     for a in range(0, S, rows):
-        s = torch.matmul(q[:, :, a:a + rows], kbar.transpose(-1, -2)).float() * D**-0.5 + bias[a:a + rows]
+        s = torch.matmul(q[:, :, a:a + rows], kbar).float().add_(bias[a:a + rows])
         part = torch.logsumexp(s, -1)
-        p = torch.exp(s - part[..., None]).nan_to_num_(0.0)
+        p = s.sub_(part[..., None]).exp_().nan_to_num_(0.0)
         out[:, :, a:a + rows] = torch.matmul(p.to(q.dtype), vbar)
         lse[:, :, a:a + rows] = part
     return out, lse

@@ -290,7 +290,7 @@ class Neighborhood(_TiledSparse):
             rest = self._pass(query, key, value, order, *outside[1:3])
             if step >= self._warmup:
                 self._remember(state, rest, query, key, value, order, outside, step)
-            return _est.merge(*inside, *rest)
+            return _est.merge_into(*inside, *rest)
         self._count(row_pairs, order, rows)
         history = state["history"]
         out, lse = history[-1][:2]
@@ -303,7 +303,7 @@ class Neighborhood(_TiledSparse):
         if self.correct:  # the forecast of (outside - correct x summary), plus correct x the summary now
             now_out, now_lse = self._summary(query, key, value, order, outside)
             out, lse = torch.add(out, now_out, alpha=self.correct), lse + self.correct * now_lse
-        return _est.merge(*inside, out, lse)
+        return _est.merge_into(*inside, out, lse)
 
     @staticmethod
     def _pass(query, key, value, order, blocks, counts):
