@@ -171,9 +171,10 @@ class Neighborhood(_TiledSparse):
     times how far one summary token per skipped tile (its mean key and value) has moved from its own
     forecast. The leading full steps (0, 1, 2) are warm-up: the forecast starts from the last of them.
     On the ShapesBench reference model (20 steps) the defaults compute 37.6% of the attention pairs
-    and stay within 29.4 dB PSNR / SSIM 0.91 of dense (README, "What sparsity costs"). Memory: two
-    attention outputs and log-sum-exps per layer and CFG branch (about 12 GB for Wan2.1-1.3B at 480p
-    in bf16); where CUDA memory runs short, the layers that do not fit run dense (logged once).
+    and give 29.3 dB PSNR / SSIM 0.91 against dense (README, "What sparsity costs"). Memory: two
+    attention outputs and log-sum-exps per layer and CFG branch (5.8 GB measured for Wan2.1-1.3B at
+    480p in bf16 without CFG, twice that with it); where CUDA memory runs short, the layers that do
+    not fit run dense (logged once).
 
     Args:
         window: `(t, h, w)` window per query, in tokens after patching (frames, rows, columns), or
