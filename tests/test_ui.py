@@ -46,7 +46,8 @@ def _gif_frames(path):
 
 
 def test_compare_runs_both_on_one_seed_and_reports_metrics(studio):
-    res = studio.compare(PROMPT, "", 3, 2, 9, 32, 32, 4.0, "Neighborhood", '{"window": [0.3, 0.3, 0.3]}')
+    res = studio.compare(PROMPT, "", 3, 2, 9, 32, 32, 4.0, "Neighborhood",
+                          '{"window": [0.3, 0.3, 0.3], "estimate": false}')
     row = res["row"]
     # both outputs are the pipeline's own generations on the same seed: recompute them here
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
