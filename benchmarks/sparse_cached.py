@@ -138,7 +138,7 @@ class ScheduledTiles(HeldTiles):
     ``keep`` of them between full passes (``window_plus_keep``: the window and those tiles).
 
     ``correct`` (a control variate): every pass also attends to summary tokens of the skipped tiles
-    (`summary_attention`, ``pool`` keys per token; not counted in density), and a sparse pass adds
+    (`summary_attention`, ``pool`` keys per token; their query pairs count in density), and a sparse pass adds
     ``correct`` times the summary part's miss of its own forecast to the forecast of the skipped
     tiles' output and log-sum-exp, so the skipped part follows what the current queries, keys and
     values do to their summary (0: off)."""

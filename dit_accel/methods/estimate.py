@@ -14,7 +14,7 @@ import torch
 from ..kernels.block_sparse import TILE, _tile_len_mask, blocks_to_mask
 from ..kernels.tile_order import TileOrder
 
-_CHUNK = 2**26  # float32 elements per temporary of `summary_attention` (256 MB)
+_CHUNK = 2**26  # elements per temporary of the summary computations (256 MB in float32)
 
 
 def merge(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
