@@ -44,8 +44,8 @@ from dit_accel.benchmarks.report import command_line
 from dit_accel.benchmarks.sparse_pooled import probe_configs, probe_parser, run_probe
 from dit_accel.kernels.block_sparse import TILE, _tile_len_mask, block_sparse_attention, tiles_to_blocks
 from dit_accel.kernels.tile_order import window_tiles
-from dit_accel.methods.estimate import forecast, merge, summary_attention, to_model_order
-from dit_accel.methods.sparse import _full_layout
+from dit_accel.methods.estimate import forecast, merge, summary_attention
+from dit_accel.methods.sparse import _full_layout, kernel_pass
 
 from dit_accel import Neighborhood, TemporalSparse
 
@@ -111,12 +111,7 @@ class HeldTiles(TemporalSparse):
         pairs = float(torch.einsum("bhqk,q,k->", mask.double(), lens, lens)) / mask.shape[:2].numel()
         return pairs, tuple(t.to(device) for t in tiles_to_blocks(~mask))
 
-    @staticmethod
-    def _pass(query, key, value, order, blocks, counts):
-        """(output, log-sum-exp in model order) over the tiles of (blocks, counts)."""
-        out, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
-                                          seq_index=order.index, return_lse=True)
-        return out, to_model_order(None, lse, order, query.shape[2])[1]
+    _pass = staticmethod(kernel_pass)  # (output, log-sum-exp in model order) over (blocks, counts)
 
 
 @dataclass
@@ -233,7 +228,7 @@ class ScheduledTiles(HeldTiles):
         self._pairs[0] += state["summary_pairs"] * query.shape[0] * query.shape[1]
         out, lse, _, _ = summary_attention(query, key, value, state["blocks"], state["counts"], order.tile_len,
                                            order.index, self.pool)
-        return to_model_order(out, lse, order, query.shape[2])
+        return order.scatter(out), order.scatter(lse)
 
     def _summary_pairs(self, state: dict, order) -> float:
         """Query-summary pairs per attention row of one (batch, head): every query meets one summary

@@ -7,7 +7,6 @@ import pytest
 import torch
 from dit_accel.benchmarks import sparse_pooled
 from dit_accel.methods import estimate
-from dit_accel.methods.estimate import to_model_order
 from dit_accel.kernels.block_sparse import TILE, block_sparse_attention_reference, tiles_to_blocks
 from helpers import attention_call, summary64
 
@@ -75,7 +74,7 @@ def test_cached_probe_merge_of_a_layout_and_its_complement_is_dense():
         blocks, counts = tiles_to_blocks(m)
         out, lse = block_sparse_attention_reference(q, k, v, blocks, counts, return_lse=True, tile_len=order.tile_len,
                                                     seq_index=order.index)
-        parts += [out, to_model_order(None, lse, order, S)[1]]
+        parts += [out, order.scatter(lse)]
     merged = estimate.merge(*parts)
     dense = _dense64(q, k, v)
     assert (parts[0].double() - dense).abs().max() > 1e-2

@@ -68,21 +68,6 @@ def slots(order: TileOrder) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, _tile_len_mask(order.tile_len, idx.numel(), TILE)
 
 
-def to_model_order(out, lse, order: TileOrder, tokens: int):
-    """Per-slot ``out [B, H, slots, D]`` (or None) and ``lse [B, H, slots]`` -> model order
-    (``tokens`` positions; positions no slot holds get output 0 and lse -inf). Slots past the
-    order's length (a padded last tile) are dropped."""
-    idx, valid = slots(order)
-    pos, length = idx[valid], idx.numel()
-    lse_m = lse.new_full((*lse.shape[:2], tokens), float("-inf"))
-    lse_m[:, :, pos] = lse[:, :, :length][:, :, valid]
-    if out is None:
-        return None, lse_m
-    out_m = out.new_zeros((*out.shape[:2], tokens, out.shape[-1]))
-    out_m[:, :, pos] = out[:, :, :length][:, :, valid]
-    return out_m, lse_m
-
-
 def _padded(idx, valid, n: int):
     """Slot positions and validity padded with empty slots to ``n`` whole tiles (a short last tile:
     text)."""
@@ -111,13 +96,11 @@ def summary_bias(order: TileOrder, blocks, counts) -> torch.Tensor:
     """Score bias ``[tokens, n]`` in model order for one summary token per key tile: log(tile length)
     where the token's query tile skips that key tile, -inf where it visits it (a layout shared by
     every batch and head row: ``blocks`` ``[1, 1, n, k]``) or the tile is empty."""
-    idx, valid = slots(order)
     n = order.tile_len.numel()
-    visited = blocks_to_mask(blocks, counts, n, n, 1, 1)[0, 0].to(idx.device)
-    tile_of = torch.empty(int(order.tile_len.sum()), dtype=torch.long, device=idx.device)
-    tile_of[idx[valid]] = (torch.arange(idx.numel(), device=idx.device) // TILE)[valid]
-    bias = order.tile_len.to(idx.device).float().log().expand(n, n).masked_fill(visited, float("-inf"))
-    return bias[tile_of]
+    device = order.inverse.device
+    visited = blocks_to_mask(blocks, counts, n, n, 1, 1)[0, 0].to(device)
+    bias = order.tile_len.to(device).float().log().expand(n, n).masked_fill(visited, float("-inf"))
+    return bias[order.inverse // TILE]  # each token's query tile
 
 
 def summary_part(q, k, v, order: TileOrder, bias):

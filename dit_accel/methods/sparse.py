@@ -44,6 +44,13 @@ def _fits(nbytes: int, device: torch.device) -> bool:
     return free - nbytes >= max(total // 10, 2**30)
 
 
+def kernel_pass(query, key, value, order: TileOrder, blocks, counts):
+    """(output, log-sum-exp in model order) of one kernel pass over the tiles of (blocks, counts)."""
+    out, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
+                                      seq_index=order.index, return_lse=True)
+    return out, order.scatter(lse)
+
+
 def _tokens(order: TileOrder) -> int:
     """Tokens of the call in the model's order (what ``order.tile_len`` sums to), known on the host."""
     return math.prod(order.grid) + order.text
@@ -244,12 +251,9 @@ class Neighborhood(_TiledSparse):
         """The window in tokens for `grid` (fractions resolved, rounded up)."""
         return tuple(int(w) if isinstance(w, int) else max(1, math.ceil(w * g)) for w, g in zip(self.window, grid))
 
-    def _layout(self, order: TileOrder):
-        """(token pairs per attention row, kv_blocks, kv_counts) for `order`, built once
-        per geometry (on the host: no per-call counting on the device)."""
-        return self._geometry(order)[:3]
-
     def _geometry(self, order: TileOrder):
+        """(token pairs per attention row, kv_blocks, kv_counts, order, outside) for `order`, built once
+        per geometry (on the host: no per-call counting on the device); see `_layouts`."""
         key = (id(order), str(order.index.device))
         if key not in self._layouts:
             tiles = window_tiles(order, self.window_tokens(order.grid), self.stride)[None, None]
@@ -285,10 +289,10 @@ class Neighborhood(_TiledSparse):
         if state.get("no_room"):
             self._count_full(order, rows)
             return self._dense(query, key, value, attn_mask, call)
-        inside = self._pass(query, key, value, order, blocks, counts)
+        inside = kernel_pass(query, key, value, order, blocks, counts)
         if self._full_step(step) or "history" not in state:
             self._count_full(order, rows)
-            rest = self._pass(query, key, value, order, *outside[1:3])
+            rest = kernel_pass(query, key, value, order, *outside[1:3])
             if step >= self._warmup:
                 self._remember(state, rest, query, key, value, order, outside, step)
             return _est.merge_into(*inside, *rest)
@@ -305,13 +309,6 @@ class Neighborhood(_TiledSparse):
             now_out, now_lse = self._summary(query, key, value, order, outside)
             out, lse = torch.add(out, now_out, alpha=self.correct), lse + self.correct * now_lse
         return _est.merge_into(*inside, out, lse)
-
-    @staticmethod
-    def _pass(query, key, value, order, blocks, counts):
-        """(output, log-sum-exp in model order) of one kernel pass over the tiles of (blocks, counts)."""
-        out, lse = block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
-                                          seq_index=order.index, return_lse=True)
-        return out, _est.to_model_order(None, lse, order, query.shape[2])[1]
 
     def _summary(self, query, key, value, order, outside):
         """The summary tokens' part (output, log-sum-exp) in model order, counted in density."""
