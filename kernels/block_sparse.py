@@ -21,7 +21,12 @@ Two options serve the sparse methods:
   query rows of ``log2(max weight in the tile / running row max after the tile)``; ``-inf`` past
   ``kv_counts``. A tile whose gap is below ``t`` put less than ``2**t`` of its row maximum on any
   query, so it can be skipped at the next denoising step (``TemporalSparse``). The running max
-  only grows, so the gap never understates a tile's share.
+  only grows, so the gap never understates a tile's share. With ``gap_ref`` (a per-row log-sum-exp,
+  natural log, in tiled order, e.g. the LSE of an earlier pass) the gap is measured against it
+  instead of the running max: ``log2(max weight in the tile) - gap_ref / ln 2``, at most 0. Against
+  the row's own LSE that is the log2 of the largest attention probability the tile holds, which
+  ranks tiles by weight; the running max ranks the earliest visited first wherever rows attend
+  broadly (nearly every tile then raises some row's running max and saturates at 0).
 """
 
 from __future__ import annotations
@@ -120,17 +125,18 @@ def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, block_m: 
                                      scale: float | None = None, return_lse: bool = False,
                                      tile_len: torch.Tensor | None = None, return_gap: bool = False,
                                      seq_index: torch.Tensor | None = None, lse_drop: tuple | None = None,
-                                     **_launch):
+                                     gap_ref: torch.Tensor | None = None, **_launch):
     """PyTorch twin of :func:`block_sparse_attention` (fp32 math through an explicit mask).
 
     Launch knobs of the kernel (``sub_n``, ``num_warps``, ``num_stages``) are accepted and ignored.
     """
     S_q, _ = _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len, seq_index)
     _check_lse_drop(lse_drop, q.shape[0], q.shape[1], S_q)
+    _check_gap_ref(gap_ref, return_gap, q.shape[0], q.shape[1], S_q)
     if lse_drop is not None:
         res = block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                                scale=scale, return_lse=True, tile_len=tile_len,
-                                               return_gap=return_gap, seq_index=seq_index)
+                                               return_gap=return_gap, seq_index=seq_index, gap_ref=gap_ref)
         prev, total = lse_drop
         total.add_(lse_drop_sum(prev, res[1]).to(total.dtype))
         return _outputs(res[0], res[1] if return_lse else None, res[2] if return_gap else None)
@@ -139,7 +145,7 @@ def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, block_m: 
         res = block_sparse_attention_reference(
             q.index_select(2, idx), k.index_select(2, idx), v.index_select(2, idx), kv_blocks, kv_counts,
             block_m=block_m, block_n=block_n, scale=scale, return_lse=return_lse, tile_len=tile_len,
-            return_gap=return_gap)
+            return_gap=return_gap, gap_ref=gap_ref)
         res = res if isinstance(res, tuple) else (res,)
         valid = (_tile_len_mask(tile_len, idx.numel(), block_m) if tile_len is not None
                  else torch.ones_like(idx, dtype=torch.bool))
@@ -160,11 +166,11 @@ def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, block_m: 
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
     out = (p @ v.float()).to(q.dtype)
-    gap = _reference_gap(scores, kv_blocks, kv_counts, row_ok, block_m, block_n) if return_gap else None
+    gap = _reference_gap(scores, kv_blocks, kv_counts, row_ok, block_m, block_n, gap_ref) if return_gap else None
     return _outputs(out, lse if return_lse else None, gap)
 
 
-def _reference_gap(scores, kv_blocks, kv_counts, row_ok, block_m, block_n) -> torch.Tensor:
+def _reference_gap(scores, kv_blocks, kv_counts, row_ok, block_m, block_n, gap_ref=None) -> torch.Tensor:
     """The gap output (see the module docstring) from the explicit masked scores."""
     B, H, S_q, S_k = scores.shape
     n_q, n_k = math.ceil(S_q / block_m), math.ceil(S_k / block_n)
@@ -174,8 +180,11 @@ def _reference_gap(scores, kv_blocks, kv_counts, row_ok, block_m, block_n) -> to
     blocks = kv_blocks.long().expand(B, H, n_q, kv_blocks.shape[-1])
     counts = kv_counts.expand(B, H, n_q)
     visited = tile_max.gather(-1, blocks[:, :, :, None, :].expand(B, H, n_q, block_m, blocks.shape[-1]))
-    running = visited.cummax(-1).values
-    gap = torch.where(visited == inf, torch.full_like(visited, inf), visited - running)
+    if gap_ref is None:
+        base = visited.cummax(-1).values
+    else:
+        base = F.pad(gap_ref.float() * LOG2E, (0, n_q * block_m - S_q)).view(B, H, n_q, block_m, 1)
+    gap = torch.where(visited == inf, torch.full_like(visited, inf), (visited - base).clamp(max=0.0))
     rows = torch.arange(n_q * block_m, device=scores.device) < S_q
     if row_ok is not None:
         rows = rows & F.pad(row_ok, (0, n_q * block_m - S_q), value=False)
@@ -189,6 +198,16 @@ def lse_drop_sum(prev: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     largest float32: what ``lse_drop`` adds, in float64."""
     d = (prev.double() - lse.double()).nan_to_num(0.0, posinf=torch.finfo(torch.float32).max)
     return d.clamp(0.0, torch.finfo(torch.float32).max).sum()
+
+
+def _check_gap_ref(gap_ref, return_gap: bool, B: int, H: int, S_q: int) -> None:
+    if gap_ref is None:
+        return
+    if not return_gap:
+        raise ValueError("gap_ref: measures the gap output; pass return_gap=True with it")
+    if gap_ref.shape != (B, H, S_q) or gap_ref.dtype != torch.float32:
+        raise ValueError(f"gap_ref: expected a float32 [{B}, {H}, {S_q}] log-sum-exp per row (tiled order), got "
+                         f"{gap_ref.dtype} {tuple(gap_ref.shape)}")
 
 
 def _check_lse_drop(lse_drop, B: int, H: int, S_q: int) -> None:
@@ -239,14 +258,15 @@ if triton is not None:
 
     @triton.jit
     def _block_sparse_fwd(
-        Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, Index, DescQ, DescK, DescV, PrevLse, DropSum, sm_scale,
+        Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, Index, DescQ, DescK, DescV, PrevLse, DropSum, GapRef,
+        sm_scale,
         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
         sbb, sbh, sbm, scb, sch, sgm,
         H, N_Q, S_Q, S_K, HEAD_D,
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr,
+        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr, GAP_REF: tl.constexpr,
     ):
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
         pid_m = tl.program_id(0)
@@ -286,6 +306,8 @@ if triton is not None:
         if RETURN_GAP:
             gap_row = Gap + (pid_bh * N_Q + pid_m) * sgm
             tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            if GAP_REF:  # the rows' reference in the exp2 domain
+                gap_base = tl.load(GapRef + pid_bh * S_Q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
         for i in tl.range(0, count * R, warp_specialize=WARP_SPEC):
             # layout tiles of BLOCK_N keys are visited as R sub-tiles of SUB_N
             kb = tl.load(block_row + i // R)
@@ -330,8 +352,12 @@ if triton is not None:
             m_i = m_new
             if RETURN_GAP:
                 tile_rm = tl.maximum(tile_rm, qk_max)
-                if i % R == R - 1:  # layout tile finished: its gap against the running max
-                    g = tl.where(row_live & (tile_rm > float("-inf")), tile_rm - m_new, float("-inf"))
+                if i % R == R - 1:  # layout tile finished: its gap against the running max (or gap_ref)
+                    if GAP_REF:
+                        g = tl.minimum(tile_rm - gap_base, 0.0)
+                    else:
+                        g = tile_rm - m_new
+                    g = tl.where(row_live & (tile_rm > float("-inf")), g, float("-inf"))
                     # the max over each of GAP_PARTS groups of ROWS consecutive rows (16 at BLOCK_M
                     # 128: rows one warp holds in the MMA layout, so no cross-warp exchange and no
                     # barrier in the loop), folded into the tile's slot by an atomic max
@@ -377,7 +403,8 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   sub_n: int | None = None, num_warps: int | None = None,
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
                                   tma: bool | None = None, warp_specialize: bool | None = None,
-                                  max_registers: int | None = None, lse_drop: tuple | None = None):
+                                  max_registers: int | None = None, lse_drop: tuple | None = None,
+                                  gap_ref: torch.Tensor | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, chosen
@@ -396,6 +423,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         raise RuntimeError("block_sparse_attention_triton: triton is not installed; use the reference twin")
     S_q, S_k = _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len, seq_index)
     _check_lse_drop(lse_drop, q.shape[0], q.shape[1], S_q)
+    _check_gap_ref(gap_ref, return_gap, q.shape[0], q.shape[1], S_q)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, _, D = q.shape
@@ -431,7 +459,8 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     grid = (n_q, B * H)
     _block_sparse_fwd[grid](
         q, k, v, out, lse, gap, blocks, counts, lens, index, *(descs or (q, k, v)),
-        *(lse_drop if lse_drop is not None else (lse, lse)), scale,
+        *(lse_drop if lse_drop is not None else (lse, lse)), gap_ref.contiguous() if gap_ref is not None else lse,
+        scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *sb, *sc, blocks.shape[-1], H, n_q, S_q, S_k, D,
@@ -439,7 +468,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
         WARP_SPEC=bool(knobs["warp_specialize"]), GAP_PARTS=parts, PTX_STORE=q.is_cuda,
-        LSE_DROP=lse_drop is not None,
+        LSE_DROP=lse_drop is not None, GAP_REF=gap_ref is not None,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
@@ -524,7 +553,8 @@ def triton_usable(t: torch.Tensor) -> bool:
 def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE, block_n: int = TILE,
                            scale: float | None = None, return_lse: bool = False,
                            tile_len: torch.Tensor | None = None, return_gap: bool = False,
-                           seq_index: torch.Tensor | None = None, lse_drop: tuple | None = None, **launch):
+                           seq_index: torch.Tensor | None = None, lse_drop: tuple | None = None,
+                           gap_ref: torch.Tensor | None = None, **launch):
     """Block-sparse attention: the Triton kernel where it can run, else the reference twin (logged once).
 
     Args:
@@ -543,6 +573,8 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
             rows and a one-element float64 tensor; the call adds to ``total`` the sum over rows of
             ``max(prev_lse - lse, 0)`` (:func:`lse_drop_sum`), so TemporalSparse's error check needs
             neither the LSE output nor another pass.
+        gap_ref: float32 ``[B, H, S]`` log-sum-exp per row in tiled order (with ``return_gap``): measure
+            the gap against it instead of the running row max (see the module docstring).
         launch: ``sub_n``, ``num_warps``, ``num_stages`` for the kernel.
 
     Returns ``out``, or a tuple ``(out, lse?, gap?)`` with the requested extras in that order.
@@ -551,7 +583,7 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
         return block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                              scale=scale, return_lse=return_lse, tile_len=tile_len,
                                              return_gap=return_gap, seq_index=seq_index, lse_drop=lse_drop,
-                                             **launch)
+                                             gap_ref=gap_ref, **launch)
     key = q.device.type
     if key not in _warned:
         _warned.add(key)
@@ -559,4 +591,5 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
                     "(explicit mask, slower)", key)
     return block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                             scale=scale, return_lse=return_lse, tile_len=tile_len,
-                                            return_gap=return_gap, seq_index=seq_index, lse_drop=lse_drop)
+                                            return_gap=return_gap, seq_index=seq_index, lse_drop=lse_drop,
+                                            gap_ref=gap_ref)

@@ -151,21 +151,26 @@ def _float64_gap(q, k, tile_mask, tile, row_ok, key_ok):
     return out
 
 
-@pytest.mark.parametrize(("S", "D", "dtype"), [(150, 64, torch.bfloat16), (160, 128, torch.float16)])
-def test_padded_tiles_and_gap_output(S, D, dtype):
-    """tile_len hides padded key slots; the gap output matches a loop-by-loop float64 oracle."""
+def _padded_case(S: int, D: int, dtype, tile: int):
+    """A fresh seed, random q, k, v (batch 2, 2 heads) of S slots, random valid lengths of the
+    ceil(S / tile) tiles of a padded layout, a random tile mask with the diagonal, and the valid slots."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    tile = 32
     q, k, v = _inputs(2, 2, S, D, dtype, seed)
     n = math.ceil(S / tile)
     g = torch.Generator().manual_seed(seed + 1)
     tile_len = torch.randint(tile // 2, tile + 1, (n,), generator=g)
     tile_len[-1] = min(int(tile_len[-1]), S - (n - 1) * tile)
-    tile_mask = torch.rand(2, 2, n, n, generator=g) < 0.6
-    tile_mask |= torch.eye(n, dtype=torch.bool)
-    blocks, counts = bs.tiles_to_blocks(tile_mask)
+    tile_mask = (torch.rand(2, 2, n, n, generator=g) < 0.6) | torch.eye(n, dtype=torch.bool)
     pos = torch.arange(S)
-    valid = (pos % tile) < tile_len[pos // tile]
+    return seed, (q, k, v), tile_len, tile_mask, (pos % tile) < tile_len[pos // tile]
+
+
+@pytest.mark.parametrize(("S", "D", "dtype"), [(150, 64, torch.bfloat16), (160, 128, torch.float16)])
+def test_padded_tiles_and_gap_output(S, D, dtype):
+    """tile_len hides padded key slots; the gap output matches a loop-by-loop float64 oracle."""
+    tile = 32
+    seed, (q, k, v), tile_len, tile_mask, valid = _padded_case(S, D, dtype, tile)
+    blocks, counts = bs.tiles_to_blocks(tile_mask)
     kw = dict(block_m=tile, block_n=tile, tile_len=tile_len, return_gap=True)
     out, gap = bs.block_sparse_attention_triton(q, k, v, blocks, counts, sub_n=16, **kw)
     ref, ref_gap = bs.block_sparse_attention_reference(q, k, v, blocks, counts, **kw)
@@ -187,6 +192,48 @@ def test_padded_tiles_and_gap_output(S, D, dtype):
         assert torch.equal(got.isfinite(), finite), f"{name}: -inf entries differ (seed {seed})"
         assert (got.double() - oracle)[finite].abs().max() <= 0.05, f"{name}: gap off (seed {seed})"
     assert (oracle[finite] <= 0).all()
+
+
+@pytest.mark.parametrize(("S", "D", "dtype"), [(150, 64, torch.bfloat16), (97, 128, torch.float16)])
+def test_gap_against_a_reference_lse(S, D, dtype):
+    """With ``gap_ref`` each visited tile's gap is the largest over the valid query rows of
+    log2(tile row max) - ref / ln 2, at most 0: kernel and reference against a float64 loop oracle,
+    with the rows' own LSE as the reference (the log2 of the largest attention probability in the
+    tile) and with a perturbed one (some gaps clamp at 0); the output is that of the call without it."""
+    tile = 32
+    seed, (q, k, v), tile_len, tile_mask, valid = _padded_case(S, D, dtype, tile)
+    n = tile_len.numel()
+    g = torch.Generator().manual_seed(seed + 2)
+    blocks, counts = bs.tiles_to_blocks(tile_mask)
+    s = (q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)).masked_fill(~valid, float("-inf"))
+    own = torch.logsumexp(s, -1)  # every key: at least the visited tiles' LSE
+    for ref in (own, own - 3.0 * torch.rand(own.shape, generator=g, dtype=torch.float64)):
+        oracle = torch.full((2, 2, n, blocks.shape[-1]), float("-inf"), dtype=torch.float64)
+        for b in range(2):
+            for h in range(2):
+                for m in range(n):
+                    rows = [r for r in range(m * tile, min(S, (m + 1) * tile)) if valid[r]]
+                    for i, kb in enumerate(torch.nonzero(tile_mask[b, h, m]).flatten().tolist()):
+                        tile_max = s[b, h, rows, kb * tile:(kb + 1) * tile].amax(-1)
+                        oracle[b, h, m, i] = ((tile_max - ref[b, h, rows]) / math.log(2)).clamp(max=0).max()
+        kw = dict(block_m=tile, block_n=tile, tile_len=tile_len, return_gap=True, gap_ref=ref.float())
+        plain = bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=tile, block_n=tile,
+                                                 tile_len=tile_len, sub_n=16)
+        finite = oracle.isfinite()
+        for name, fn in (("kernel", bs.block_sparse_attention_triton),
+                         ("reference", bs.block_sparse_attention_reference)):
+            out, gap = fn(q, k, v, blocks, counts, sub_n=16, **kw)
+            assert torch.equal(gap.isfinite(), finite), f"{name}: -inf entries differ (seed {seed})"
+            assert (gap.double() - oracle)[finite].abs().max() <= 0.05, f"{name}: gap off (seed {seed})"
+            if name == "kernel":
+                assert torch.equal(out, plain)
+        assert (oracle[finite] <= 0).all() and (oracle[finite] > -60).all()
+    assert (oracle[finite] == 0).any()  # the perturbed reference clamps
+    with pytest.raises(ValueError, match="return_gap=True"):
+        bs.block_sparse_attention_reference(q, k, v, blocks, counts, block_m=tile, block_n=tile, gap_ref=own.float())
+    with pytest.raises(ValueError, match="gap_ref: expected a float32"):
+        bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=tile, block_n=tile, return_gap=True,
+                                         gap_ref=own)
 
 
 def test_tile_len_needs_self_attention_shapes():
