@@ -369,7 +369,7 @@ def _method_inputs(grid, text: int, heads: int, dim: int, density: float, iters:
     the cuDNN dense time for them."""
     from dit_accel import TemporalSparse
 
-    method = TemporalSparse(max_density=density, min_density=density, threshold=float("inf"))
+    method = TemporalSparse(max_density=density, min_density=density, threshold=float("inf"), estimate=False)
     order = tile_order(grid, None, text, False, torch.device("cuda"), packed=method.packed)
     seq = math.prod(grid) + text
     qkv = _random_qkv(seq, heads, dim)
@@ -520,7 +520,7 @@ def step_methods() -> dict:
     Neighborhood's window alone (``estimate=False``), so that every step is a sparse step."""
     from dit_accel import Neighborhood, TemporalSparse
 
-    fixed = dict(threshold=float("inf"), warmup_steps=1, refresh_every=0, refresh_tol=None)
+    fixed = dict(threshold=float("inf"), warmup_steps=1, refresh_every=0, refresh_tol=None, estimate=False)
     return {
         "Neighborhood(window=(0.5, 0.5, 0.75), estimate=False) ~25%": Neighborhood(window=(0.5, 0.5, 0.75),
                                                                                    estimate=False),
@@ -586,9 +586,9 @@ def _wan_step(config: dict | None, latent, text_len: int):
 
 def bench_generation(steps: int = 20, config: dict | None = None, latent=WAN13B_LATENT, text_len: int = 512) -> dict:
     """The transformer's time over one generation of ``steps`` steps (timesteps falling from 999) of a
-    random-weight Wan2.1-1.3B at 480p / 81 frames: stock (cuDNN SDPA) vs `Neighborhood()` at its
-    defaults, whose full passes and sparse steps alternate on its schedule, with its density and the
-    memory its forecast holds (peak allocated above the stock run's)."""
+    random-weight Wan2.1-1.3B at 480p / 81 frames: stock (cuDNN SDPA) vs `Neighborhood()` and
+    `TemporalSparse()` at their defaults, whose full passes and sparse steps alternate on their schedule,
+    with their density and the memory their forecast holds (peak allocated above the stock run's)."""
     import dit_accel
 
     model, step = _wan_step(config, latent, text_len)
@@ -605,24 +605,27 @@ def bench_generation(steps: int = 20, config: dict | None = None, latent=WAN13B_
             out.append(round(start.elapsed_time(end), 2))
         return out
 
+    rows = []
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         generation()  # warm-up
         torch.cuda.reset_peak_memory_stats()
         stock = generation()
         stock_peak = torch.cuda.max_memory_allocated()
-        method = dit_accel.Neighborhood()
-        with dit_accel.apply(model, attention=method):
-            generation()  # warm-up / compilation; the next call's higher timestep starts a new generation
-            method.reset_stats()
-            torch.cuda.reset_peak_memory_stats()
-            ours = generation()
-            peak = torch.cuda.max_memory_allocated()
-    row = dict(method="Neighborhood() (defaults: estimate)", config=method.to_dict(), steps=steps,
-               stock_ms=round(sum(stock), 1), ms=round(sum(ours), 1), speedup=round(sum(stock) / sum(ours), 3),
-               density=round(method.density(), 4), extra_memory_gb=round((peak - stock_peak) / 2**30, 2),
-               stock_step_ms=stock, step_ms=ours)
-    print(f"  {row}", flush=True)
-    return row
+        for name, method in (("Neighborhood() (defaults: estimate)", dit_accel.Neighborhood()),
+                             ("TemporalSparse() (defaults: estimate)", dit_accel.TemporalSparse())):
+            with dit_accel.apply(model, attention=method):
+                generation()  # warm-up / compilation; the next call's higher timestep starts a new generation
+                method.reset_stats()
+                torch.cuda.reset_peak_memory_stats()
+                ours = generation()
+                peak = torch.cuda.max_memory_allocated()
+            rows.append(dict(method=name, config=method.to_dict(), steps=steps, stock_ms=round(sum(stock), 1),
+                             ms=round(sum(ours), 1), speedup=round(sum(stock) / sum(ours), 3),
+                             density=round(method.density(), 4),
+                             extra_memory_gb=round((peak - stock_peak) / 2**30, 2), stock_step_ms=stock, step_ms=ours))
+            print(f"  {rows[-1]}", flush=True)
+        again = generation()  # drift check: stock again at the end
+    return {"rows": rows, "stock_again_ms": round(sum(again), 1)}
 
 
 def main(argv=None) -> None:
@@ -641,8 +644,8 @@ def main(argv=None) -> None:
                          "tail (what the last, partial wave of CTAs costs, Wan 480p), patterns (random, banded "
                          "and shared layouts of equal density, Wan 480p), fixed (what a call costs besides its key "
                          "tiles: 0 to all key tiles per query tile, equal and varied counts, Wan 480p), "
-                         "generation (a 20-step generation of the Wan2.1-1.3B transformer with Neighborhood() at its "
-                         "defaults against stock)")
+                         "generation (a 20-step generation of the Wan2.1-1.3B transformer with Neighborhood() and "
+                         "TemporalSparse() at their defaults against stock)")
     ap.add_argument("--configs", default="sweep:wan2.1-1.3b-480p-81f",
                     help="kernel launch configurations: 'sweep' (all shapes), 'sweep:SHAPE' (that shape; the "
                          "others use the defaults) or 'default'; 'tma' instead of 'sweep' sweeps the TMA and "

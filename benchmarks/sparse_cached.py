@@ -64,6 +64,7 @@ class HeldTiles(TemporalSparse):
 
     def __post_init__(self) -> None:
         self.threshold, self.min_density, self.max_density, self.refresh_tol = float("inf"), self.keep, self.keep, None
+        self.estimate = False  # TemporalSparse's skip-and-drop path, which the probe builds on
         super().__post_init__()
 
     def __call__(self, query, key, value, attn_mask, call=None):

@@ -37,19 +37,19 @@ import dit_accel
 import dit_accel.methods.sparse as sparse_methods
 
 N, T = dit_accel.Neighborhood, dit_accel.TemporalSparse
-NO_REFRESH = dict(warmup_steps=2, refresh_every=0, refresh_tol=None)
+NO_REFRESH = dict(warmup_steps=2, refresh_every=0, refresh_tol=None, estimate=False)
 CONFIGS = {
     "Neighborhood(estimate=False)": lambda: N(estimate=False),
     "Neighborhood(window=(1.0, 0.5, 0.5), estimate=False)": lambda: N(window=(1.0, 0.5, 0.5), estimate=False),
     "Neighborhood(window=(0.75, 0.5, 1.0), estimate=False)": lambda: N(window=(0.75, 0.5, 1.0), estimate=False),
     "Neighborhood(window=(0.5, 0.5, 1.0), dense_steps=3, estimate=False)":
         lambda: N(window=(0.5, 0.5, 1.0), dense_steps=3, estimate=False),
-    "TemporalSparse(threshold=-4, max_density=0.4, refresh off)": lambda: T(threshold=-4.0, max_density=0.4,
-                                                                             **NO_REFRESH),
-    "TemporalSparse(threshold=-6, max_density=0.3, refresh off)": lambda: T(threshold=-6.0, max_density=0.3,
-                                                                             **NO_REFRESH),
-    "TemporalSparse(threshold=-6, max_density=0.2, refresh off)": lambda: T(threshold=-6.0, max_density=0.2,
-                                                                             **NO_REFRESH),
+    "TemporalSparse(threshold=-4, max_density=0.4, refresh off, estimate=False)":
+        lambda: T(threshold=-4.0, max_density=0.4, **NO_REFRESH),
+    "TemporalSparse(threshold=-6, max_density=0.3, refresh off, estimate=False)":
+        lambda: T(threshold=-6.0, max_density=0.3, **NO_REFRESH),
+    "TemporalSparse(threshold=-6, max_density=0.2, refresh off, estimate=False)":
+        lambda: T(threshold=-6.0, max_density=0.2, **NO_REFRESH),
 }
 
 

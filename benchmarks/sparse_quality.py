@@ -36,13 +36,14 @@ def configs(which: str) -> dict[str, dit_accel.AttentionMethod]:
     out = {"Neighborhood()": dit_accel.Neighborhood(), "TemporalSparse()": dit_accel.TemporalSparse()}
     if which == "defaults":
         return out
-    # Neighborhood's sweep is of the window alone (estimate=False, as Neighborhood ran before the estimate).
+    # The sweep is of the window alone and of TemporalSparse's skip-and-drop (estimate=False for both, as
+    # the methods ran before the estimate).
     # densities on the default 17x16x16 grid (2x8x8 tiles, 36 of them): window (0.5, 0.5, 0.5) 14%,
     # (0.75, 0.5, 0.5) 20%, (1.0, 0.5, 0.5) 25%, (0.5, 0.5, 1.0) 29%, (0.75, 0.5, 1.0) 40%; dense steps
     # and layers count as density 1. Layers 0, 5 and 7 of the shipped model are its least concentrated
     # (benchmarks/results/reference-*.json, "attention").
     N, T = dit_accel.Neighborhood, dit_accel.TemporalSparse
-    fixed = dict(warmup_steps=2, refresh_every=0, refresh_tol=None)
+    fixed = dict(warmup_steps=2, refresh_every=0, refresh_tol=None, estimate=False)
     sweep = {
         "Neighborhood(dense_steps=2, estimate=False)": N(dense_steps=2, estimate=False),
         "Neighborhood(window=(1.0, 0.5, 0.5), estimate=False)": N(window=(1.0, 0.5, 0.5), estimate=False),
@@ -52,16 +53,18 @@ def configs(which: str) -> dict[str, dit_accel.AttentionMethod]:
         "Neighborhood(window=(0.75, 0.5, 1.0), estimate=False)": N(window=(0.75, 0.5, 1.0), estimate=False),
         "Neighborhood(window=(1.0, 0.5, 0.5), dense_layers=(0,), estimate=False)":
             N(window=(1.0, 0.5, 0.5), dense_layers=(0,), estimate=False),
-        "TemporalSparse(threshold=-6)": T(threshold=-6.0),
-        "TemporalSparse(threshold=-4)": T(threshold=-4.0),
-        "TemporalSparse(threshold=-2)": T(threshold=-2.0),
-        "TemporalSparse(max_density=0.4)": T(max_density=0.4),
-        "TemporalSparse(threshold=-4, max_density=0.4, refresh off)": T(threshold=-4.0, max_density=0.4, **fixed),
-        "TemporalSparse(threshold=-6, max_density=0.3, refresh off)": T(threshold=-6.0, max_density=0.3, **fixed),
-        "TemporalSparse(threshold=-3, max_density=0.4, warmup_steps=4, refresh off)":
-            T(threshold=-3.0, max_density=0.4, warmup_steps=4, refresh_every=0, refresh_tol=None),
-        "TemporalSparse(threshold=-4, max_density=0.35, refresh_every=4, refresh off by error)":
-            T(threshold=-4.0, max_density=0.35, warmup_steps=2, refresh_every=4, refresh_tol=None),
+        "TemporalSparse(threshold=-6, estimate=False)": T(threshold=-6.0, estimate=False),
+        "TemporalSparse(threshold=-4, estimate=False)": T(threshold=-4.0, estimate=False),
+        "TemporalSparse(threshold=-2, estimate=False)": T(threshold=-2.0, estimate=False),
+        "TemporalSparse(max_density=0.4, estimate=False)": T(max_density=0.4, estimate=False),
+        "TemporalSparse(threshold=-4, max_density=0.4, refresh off, estimate=False)":
+            T(threshold=-4.0, max_density=0.4, **fixed),
+        "TemporalSparse(threshold=-6, max_density=0.3, refresh off, estimate=False)":
+            T(threshold=-6.0, max_density=0.3, **fixed),
+        "TemporalSparse(threshold=-3, max_density=0.4, warmup_steps=4, refresh off, estimate=False)":
+            T(threshold=-3.0, max_density=0.4, warmup_steps=4, refresh_every=0, refresh_tol=None, estimate=False),
+        "TemporalSparse(threshold=-4, max_density=0.35, refresh_every=4, refresh off by error, estimate=False)":
+            T(threshold=-4.0, max_density=0.35, warmup_steps=2, refresh_every=4, refresh_tol=None, estimate=False),
     }
     if which == "sweep":
         return {**out, **sweep}

@@ -75,13 +75,59 @@ def attention_call(grid, text=0, text_first=False, step=0, kind=None, state=None
 
 def summary64(q, k, v, kept, order, pool):
     """float64 attention of every query to the mean key/value of each run of ``pool`` slots of the key
-    tiles its query tile skips (``kept``: bool [query tile, key tile] in tiled order), scores raised
-    by log(pool): (output, log-sum-exp) in model order. For orders without padding slots."""
-    n, g = kept.shape[0], 128 // pool
+    tiles its query tile skips (``kept``: bool [query tile, key tile] in tiled order, or one such mask
+    per batch and head row, [B, H, query tile, key tile]), scores raised by log(pool): (output,
+    log-sum-exp) in model order. For orders without padding slots."""
+    n, g = kept.shape[-1], 128 // pool
     pos = order.index.long().view(n, g, pool)
     kbar, vbar = (x.double()[:, :, pos].mean(-2).flatten(2, 3) for x in (k, v))  # [B, H, n * g, D]
     tile_of = torch.empty(q.shape[2], dtype=torch.long)
     tile_of[order.index.long()] = torch.arange(n * 128) // 128
     s = q.double() @ kbar.transpose(-1, -2) * q.shape[-1] ** -0.5 + math.log(pool)
-    s = s.masked_fill(kept[tile_of][:, torch.arange(n).repeat_interleave(g)], float("-inf"))
+    s = s.masked_fill(kept[..., tile_of, :][..., torch.arange(n).repeat_interleave(g)], float("-inf"))
     return torch.softmax(s, -1) @ vbar, torch.logsumexp(s, -1)
+
+
+def merge64(o_a, l_a, o_b, l_b):
+    """float64 attention over two disjoint key sets from each set's output and log-sum-exp."""
+    m = torch.maximum(l_a, l_b)
+    a, b = (l_a - m).exp()[..., None], (l_b - m).exp()[..., None]
+    return (a * o_a + b * o_b) / (a + b)
+
+
+def check_estimate64(method, inputs, grid, order, kept, correct, state=None):
+    """Run ``method`` (an estimate with full passes at steps 0, 1, 3, 5, the forecast starting at step
+    1) over the 7 steps of ``inputs`` and check every output against float64: full passes dense; a
+    sparse step the exact attention to the ``kept`` tiles (bool [query tile, key tile], or one mask
+    per batch and head row) merged with the linear forecast, from the last two full passes, of
+    (skipped part - correct x summary part), plus correct x the summary part now."""
+    state = {} if state is None else state
+    n = order.tile_len.numel()
+    tile_of = torch.empty(inputs[0][0].shape[2], dtype=torch.long)
+    tile_of[order.index.long()] = torch.arange(n * 128) // 128
+    inside = kept[..., tile_of, :][..., tile_of]  # [(B, H,) query, key] in model order
+    passes = {}
+    for step, (q, k, v) in enumerate(inputs):
+        out = method(q, k, v, None, attention_call(grid, step=step, state=state))
+        s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if step in (0, 1, 3, 5):
+            assert (out.double() - torch.softmax(s, -1) @ v.double()).abs().max() < 1e-4, step
+            if step >= 1:
+                rest = s.masked_fill(inside, float("-inf"))
+                o_sum, l_sum = summary64(q, k, v, kept, order, 128)
+                passes[step] = (torch.softmax(rest, -1) @ v.double() - correct * o_sum,
+                                torch.logsumexp(rest, -1) - correct * l_sum)
+            continue
+        newest = [x for x in (1, 3, 5) if x < step][-2:]
+        if len(newest) == 1:
+            o_f, l_f = passes[newest[0]]
+        else:
+            (o0, l0), (o1, l1) = (passes[x] for x in newest)
+            w = (step - newest[1]) / (newest[1] - newest[0])
+            o_f, l_f = o1 + w * (o1 - o0), l1 + w * (l1 - l0)
+        o_sum, l_sum = summary64(q, k, v, kept, order, 128)
+        live = s.masked_fill(~inside, float("-inf"))
+        expect = merge64(torch.softmax(live, -1) @ v.double(), torch.logsumexp(live, -1),
+                         o_f + correct * o_sum, l_f + correct * l_sum)
+        assert (out.double() - expect).abs().max() < 1e-4, step
+    return state

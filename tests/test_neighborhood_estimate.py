@@ -8,18 +8,12 @@ import pytest
 import torch
 from dit_accel.kernels.tile_order import tile_order
 from dit_accel.pipelines.tiny import make_tiny_pipeline, tiny_inputs
-from helpers import attention_call, pipeline_output, summary64
+from helpers import attention_call, check_estimate64, merge64, pipeline_output
 
 import dit_accel
 import dit_accel.methods.sparse as sparse_methods
 
 GRID, TILE3 = (4, 16, 16), (2, 8, 8)  # 8 tiles of 128 tokens, no padding
-
-
-def _merge64(o_a, l_a, o_b, l_b):
-    m = torch.maximum(l_a, l_b)
-    a, b = (l_a - m).exp()[..., None], (l_b - m).exp()[..., None]
-    return (a * o_a + b * o_b) / (a + b)
 
 
 def _inputs(g, B=2, H=2, D=32):
@@ -39,34 +33,7 @@ def test_estimate_against_float64(correct):
     order = tile_order(GRID, TILE3)
     n = order.tile_len.numel()
     kept = torch.eye(n, dtype=torch.bool)  # each query tile's own tile
-    tile_of = torch.empty(math.prod(GRID), dtype=torch.long)
-    tile_of[order.index.long()] = torch.arange(n * 128) // 128
-    inside = kept[tile_of][:, tile_of]  # [query, key] in model order
-    state, passes = {}, {}
-    for step in range(7):
-        q, k, v = _inputs(g)
-        out = method(q, k, v, None, attention_call(GRID, step=step, state=state))
-        s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
-        if step in (0, 1, 3, 5):
-            assert (out.double() - torch.softmax(s, -1) @ v.double()).abs().max() < 1e-4, step
-            if step >= 1:
-                rest = s.masked_fill(inside, float("-inf"))
-                o_sum, l_sum = summary64(q, k, v, kept, order, 128)
-                passes[step] = (torch.softmax(rest, -1) @ v.double() - correct * o_sum,
-                                torch.logsumexp(rest, -1) - correct * l_sum)
-            continue
-        newest = [x for x in (1, 3, 5) if x < step][-2:]
-        if len(newest) == 1:
-            o_f, l_f = passes[newest[0]]
-        else:
-            (o0, l0), (o1, l1) = (passes[x] for x in newest)
-            w = (step - newest[1]) / (newest[1] - newest[0])
-            o_f, l_f = o1 + w * (o1 - o0), l1 + w * (l1 - l0)
-        o_sum, l_sum = summary64(q, k, v, kept, order, 128)
-        live = s.masked_fill(~inside, float("-inf"))
-        expect = _merge64(torch.softmax(live, -1) @ v.double(), torch.logsumexp(live, -1),
-                          o_f + correct * o_sum, l_f + correct * l_sum)
-        assert (out.double() - expect).abs().max() < 1e-4, step
+    check_estimate64(method, [_inputs(g) for _ in range(7)], GRID, order, kept, correct)
     summaries = 6 * (n - 1) / (n * 128) if correct else 0.0  # steps 1-6, per query one token per skipped tile
     assert method.density() == pytest.approx((4 + 3 / n + summaries) / 7, rel=1e-9)
 
@@ -165,6 +132,6 @@ def test_merge_into_is_the_lse_merge():
     lse_a, lse_b = (torch.randn(2, 3, 50, generator=g) * 4 for _ in range(2))
     lse_b[:, :, :5] = float("-inf")
     got = merge_into(out_a, lse_a, out_b, lse_b).double()
-    expect = _merge64(out_a.double(), lse_a.double(), out_b.double(), lse_b.double())
+    expect = merge64(out_a.double(), lse_a.double(), out_b.double(), lse_b.double())
     assert (got - expect).abs().max() < 1e-5
     assert torch.equal(got[:, :, :5], out_a[:, :, :5].double())

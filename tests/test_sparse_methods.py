@@ -167,7 +167,7 @@ def test_temporal_sparse_skips_what_the_gap_marks(packed):
     q = (base.expand(2, 2, 4, 64, 32) + 0.1 * torch.randn(2, 2, 4, 64, 32)).reshape(2, 2, S, 32)
     k = q.clone()
     v = torch.randn(2, 2, S, 32)
-    method = dit_accel.TemporalSparse(threshold=-8.0, warmup_steps=1, refresh_every=3, refresh_tol=None,
+    method = dit_accel.TemporalSparse(estimate=False, threshold=-8.0, warmup_steps=1, refresh_every=3, refresh_tol=None,
                                       min_density=0.0, tile=(1, 8, 8), packed=packed)
     state = {}
     method(q, k, v, None, attention_call(grid, step=0, state=state))  # warm-up: every tile, records the skip set
@@ -199,8 +199,8 @@ def test_temporal_sparse_density_floor_and_ceiling():
     q, k, v = (torch.randn(1, 2, math.prod(grid), 32) for _ in range(3))
     n = 6  # tile (1, 8, 8), not packed: 6 tiles of 64 tokens, one per 128-slot kernel tile
     for lo, hi, thr in ((0.5, 1.0, 100.0), (0.0, 0.34, float("-inf"))):
-        method = dit_accel.TemporalSparse(threshold=thr, warmup_steps=1, refresh_tol=None, min_density=lo,
-                                          max_density=hi, tile=(1, 8, 8), packed=False)
+        method = dit_accel.TemporalSparse(estimate=False, threshold=thr, warmup_steps=1, refresh_tol=None,
+                                          min_density=lo, max_density=hi, tile=(1, 8, 8), packed=False)
         state = {}
         method(q, k, v, None, attention_call(grid, state=state))
         kept = state["counts"]
@@ -213,12 +213,13 @@ def test_threshold_minus_inf_and_cross_attention_are_dense():
     S = math.prod(grid)
     q, k, v = (torch.randn(1, 2, S, 32) for _ in range(3))
     dense = F.scaled_dot_product_attention(q, k, v)
-    method = dit_accel.TemporalSparse(threshold=float("-inf"), warmup_steps=0)
-    state = {}
-    for step in range(3):
-        out = method(q, k, v, None, attention_call(grid, step=step, state=state))
-        assert (out - dense).abs().max() < 1e-5
-    assert method.density() == 1.0
+    for method in (dit_accel.TemporalSparse(threshold=float("-inf")),  # the estimate: every tile kept
+                   dit_accel.TemporalSparse(threshold=float("-inf"), estimate=False, warmup_steps=0)):
+        state = {}
+        for step in range(4):
+            out = method(q, k, v, None, attention_call(grid, step=step, state=state))
+            assert (out - dense).abs().max() < 1e-5
+        assert method.density() == 1.0
     kv = torch.randn(1, 2, 7, 32)
     method.reset_stats()
     cross = method(q, kv, kv, None, attention_call(grid, kind="cross"))
@@ -257,7 +258,8 @@ def test_methods_through_the_processor(family):
     pipe = make_tiny_pipeline(family)
     stock = pipeline_output(pipe, kwargs)
     for method in (dit_accel.Neighborhood(window=(1.0, 1.0, 1.0)),
-                   dit_accel.TemporalSparse(threshold=float("-inf"), warmup_steps=1)):
+                   dit_accel.TemporalSparse(threshold=float("-inf")),
+                   dit_accel.TemporalSparse(threshold=float("-inf"), estimate=False, warmup_steps=1)):
         handle = dit_accel.apply(pipe, attention=method)
         out = pipeline_output(pipe, kwargs)
         handle.remove()
@@ -292,7 +294,7 @@ def test_error_triggered_refresh_follows_the_mean_lse_drop():
         valid = (torch.arange(order.length) % 128) < order.tile_len.repeat_interleave(128)[: order.length]
         return torch.logsumexp(s.masked_fill(~valid, float("-inf")), -1)
 
-    probe = dit_accel.TemporalSparse(threshold=-2.0, warmup_steps=1, refresh_every=0, refresh_tol=None,
+    probe = dit_accel.TemporalSparse(estimate=False, threshold=-2.0, warmup_steps=1, refresh_every=0, refresh_tol=None,
                                      min_density=0.0, tile=(1, 8, 8), packed=False)
     state = {}
     probe(q, k, v, None, attention_call(grid, step=0, state=state))
@@ -301,8 +303,8 @@ def test_error_triggered_refresh_follows_the_mean_lse_drop():
     drop = float((lse_of(torch.ones_like(mask)) - lse_of(mask)).clamp_min(0).nan_to_num(0.0).mean())
     assert drop > 1e-3
     for tol, refresh in ((0.8 * drop, True), (1.25 * drop, False)):
-        method = dit_accel.TemporalSparse(threshold=-2.0, warmup_steps=1, refresh_every=0, refresh_tol=tol,
-                                          min_density=0.0, tile=(1, 8, 8), packed=False)
+        method = dit_accel.TemporalSparse(estimate=False, threshold=-2.0, warmup_steps=1, refresh_every=0,
+                                          refresh_tol=tol, min_density=0.0, tile=(1, 8, 8), packed=False)
         state = {}
         method(q, k, v, None, attention_call(grid, step=0, state=state))
         assert torch.equal(method.tile_mask(state, n), mask)

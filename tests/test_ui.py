@@ -469,7 +469,7 @@ def test_a_saved_non_shapes_pipeline_runs_in_the_studio(tmp_path):
     studio = Studio(pipeline=str(tmp_path / "tiny-wan"), device="cpu", workdir=tmp_path / "ui",
                     runs_dir=tmp_path / "runs")
     res = studio.compare(PROMPT, "", 5, **TINY, guidance_scale=3.0, method="TemporalSparse",
-                         parameters='{"warmup_steps": 1}')
+                         parameters='{"warmup_steps": 1, "estimate": false}')
     assert type(studio.pipe).__name__ == "WanPipeline"
     row = res["row"]
     assert row["checker_baseline"] is None and row["checker_accelerated"] is None

@@ -9,6 +9,8 @@ by what summary tokens of the skipped tiles (one mean key and value per run of k
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..kernels.block_sparse import TILE, _tile_len_mask, blocks_to_mask
@@ -92,22 +94,33 @@ def run_means(x, idx, valid, pool: int):
     return out, length
 
 
-def summary_bias(order: TileOrder, blocks, counts) -> torch.Tensor:
-    """Score bias ``[tokens, n]`` in model order for one summary token per key tile: log(tile length)
-    where the token's query tile skips that key tile, -inf where it visits it (a layout shared by
-    every batch and head row: ``blocks`` ``[1, 1, n, k]``) or the tile is empty."""
-    n = order.tile_len.numel()
+class SummaryMask(NamedTuple):
+    """Which summary tokens each query sees (`summary_mask`), for `summary_part`."""
+
+    visited: torch.Tensor  # bool [B|1, H|1, n, n]: query tile visits key tile (its summary hidden)
+    log_len: torch.Tensor  # float32 [n]: log(tile length), -inf for empty tiles
+    tile_of: torch.Tensor  # long [tokens]: each model-order token's query tile
+
+
+def summary_mask(order: TileOrder, visited) -> SummaryMask:
+    """The summary tokens of ``order``'s key tiles that each query sees: one per key tile its query
+    tile skips (``visited``: bool ``[B|1, H|1, n, n]``, a layout shared by every batch and head row
+    or one per row), scored with log(tile length)."""
     device = order.inverse.device
-    visited = blocks_to_mask(blocks, counts, n, n, 1, 1)[0, 0].to(device)
-    bias = order.tile_len.to(device).float().log().expand(n, n).masked_fill(visited, float("-inf"))
-    return bias[order.inverse // TILE]  # each token's query tile
+    return SummaryMask(visited.to(device), order.tile_len.to(device).float().log(), order.inverse // TILE)
 
 
-def summary_part(q, k, v, order: TileOrder, bias):
+def _bias(mask: SummaryMask, start: int, stop: int) -> torch.Tensor:
+    """Score bias ``[B|1, H|1, stop - start, n]`` of the summary tokens for model rows start:stop."""
+    return mask.log_len.masked_fill(mask.visited[:, :, mask.tile_of[start:stop]], float("-inf"))
+
+
+def summary_part(q, k, v, order: TileOrder, mask: SummaryMask):
     """Attention of every query to one summary token per key tile (the tile's mean key and mean value)
-    under ``bias`` (`summary_bias`: which tiles each query sees, their log lengths), in model order:
-    ``(out in q's dtype, lse float32)``; rows that see no summary get output 0 and lse -inf. Scores
-    and the value product run as matmuls in q's dtype, the softmax in float32, in chunks of rows."""
+    that ``mask`` (`summary_mask`) shows it, scored as if every key of the tile scored like the mean
+    (log of its length added), in model order: ``(out in q's dtype, lse float32)``; rows that see no
+    summary get output 0 and lse -inf. Scores and the value product run as matmuls in q's dtype, the
+    softmax in float32, in chunks of rows."""
     idx, valid = slots(order)
     n = order.tile_len.numel()
     idx, valid = _padded(idx, valid, n)
@@ -118,7 +131,7 @@ def summary_part(q, k, v, order: TileOrder, bias):
     lse = q.new_empty((B, H, S), dtype=torch.float32)
     rows = max(1, _CHUNK // (B * H * n))
     for a in range(0, S, rows):
-        s = torch.matmul(q[:, :, a:a + rows], kbar).float().add_(bias[a:a + rows])
+        s = torch.matmul(q[:, :, a:a + rows], kbar).float().add_(_bias(mask, a, a + rows))
         part = torch.logsumexp(s, -1)
         p = s.sub_(part[..., None]).exp_().nan_to_num_(0.0)
         out[:, :, a:a + rows] = torch.matmul(p.to(q.dtype), vbar)

@@ -29,6 +29,9 @@ from .dense import Dense
 logger = logging.getLogger("dit_accel")
 
 
+_MODE_DEFAULT = type("ModeDefault", (), {"__repr__": lambda self: "<default of the mode>"})()
+
+
 def _full_layout(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Every key tile for every query tile: (blocks ``[1, 1, n, n]``, counts ``[1, 1, n]``), int32,
     broadcast over batch and heads."""
@@ -165,6 +168,91 @@ class _TiledSparse(AttentionMethod):
             return True
         return False
 
+    # -- the estimate of skipped tiles (subclasses with the fields estimate, full_steps, full_every, correct)
+
+    def _check_estimate(self) -> None:
+        """Check the estimate's fields and find the last of the leading full steps (0, 1, ...), where the
+        forecast starts."""
+        name = type(self).__name__
+        if not isinstance(self.estimate, bool):
+            raise ValueError(f"{name}(estimate={self.estimate!r}): expected True or False")
+        steps = tuple(self.full_steps)
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
+            raise ValueError(f"{name}(full_steps={self.full_steps!r}): expected denoising step indices (ints >= 0), "
+                             "e.g. (0, 1, 2, 5)")
+        self.full_steps = tuple(sorted(set(steps)))
+        if isinstance(self.full_every, bool) or not isinstance(self.full_every, int) or self.full_every < 0:
+            raise ValueError(f"{name}(full_every={self.full_every!r}): expected an int >= 0 (0: no full passes after "
+                             "full_steps)")
+        if not self.correct >= 0:
+            raise ValueError(f"{name}(correct={self.correct!r}): expected a factor >= 0 (0: no correction)")
+        self._warmup = 0
+        while self._warmup + 1 in self.full_steps:
+            self._warmup += 1
+
+    def _full_step(self, step: int) -> bool:
+        last = self.full_steps[-1] if self.full_steps else 0
+        return step in self.full_steps or (self.full_every > 0 and step > last and (step - last) % self.full_every == 0)
+
+    def _estimated(self, query, key, value, attn_mask, call: AttentionCall, order: TileOrder, row_pairs: float,
+                   blocks, counts, outside):
+        """One call with the estimate, given the tiles computed exactly between full passes
+        (``blocks``, ``counts``, ``row_pairs`` token pairs per attention row) and ``outside``: (summary
+        pairs per row, blocks and counts of the skipped tiles, their `summary_mask`, whether some rows
+        skip nothing). Steps before the last leading full step run dense (nothing to remember yet); a
+        full pass computes both parts and remembers the skipped one; a sparse pass merges the exact
+        part with the forecast of the skipped one, corrected by the summary tokens."""
+        state, step = call.state, call.layout.step_index
+        rows = query.shape[0] * query.shape[1]
+        if state.get("no_room") or step < self._warmup:
+            self._count_full(order, rows)
+            return self._dense(query, key, value, attn_mask, call)
+        inside = kernel_pass(query, key, value, order, blocks, counts)
+        if self._full_step(step) or "history" not in state:
+            self._count_full(order, rows)
+            rest = kernel_pass(query, key, value, order, *outside[1:3])
+            self._remember(state, rest, query, key, value, order, outside, step)
+            return _est.merge_into(*inside, *rest)
+        self._count(row_pairs, order, rows)
+        history = state["history"]
+        out, lse = history[-1][:2]
+        if len(history) == 2:  # the line through the last two full passes
+            (o1, l1, t1), (o2, l2, t2) = history
+            w = 1.0 + (step - t2) / (t2 - t1)
+            out, lse = torch.lerp(o1, o2, w), torch.lerp(l1, l2, w)
+            if outside[4]:
+                lse = torch.where(torch.isfinite(l2), lse, l2)
+        if self.correct:  # the forecast of (outside - correct x summary), plus correct x the summary now
+            now_out, now_lse = self._summary(query, key, value, order, outside)
+            out, lse = torch.add(out, now_out, alpha=self.correct), lse + self.correct * now_lse
+        return _est.merge_into(*inside, out, lse)
+
+    def _summary(self, query, key, value, order, outside):
+        """The summary tokens' part (output, log-sum-exp) in model order, counted in density."""
+        self._pairs[0] += outside[0] * query.shape[0] * query.shape[1]
+        return _est.summary_part(query, key, value, order, outside[3])
+
+    def _remember(self, state, rest, query, key, value, order, outside, step) -> None:
+        """Keep a full pass's skipped part (minus `correct` x its summary part) for the forecast: the
+        last two passes, in the query's dtype. The first time per layer and branch, check that CUDA
+        memory holds them; where it does not, that layer and branch run dense from now on."""
+        out, lse = rest
+        need = 2 * (out.numel() * out.element_size() + lse.numel() * lse.element_size())
+        if "history" not in state and not _fits(need, query.device):
+            state["no_room"] = True
+            self._once("no-room", "dit_accel %s(estimate=True): the forecast needs %.2f GB per layer and CFG branch "
+                       "and %s is short of memory; layers that do not fit run dense attention (slower). Pass "
+                       "estimate=False to skip tiles without the estimate, or free memory (e.g. "
+                       "enable_model_cpu_offload).", type(self).__name__, need / 2**30, query.device)
+            return
+        if self.correct:
+            s_out, s_lse = self._summary(query, key, value, order, outside)
+            out, lse = torch.add(out, s_out, alpha=-self.correct), lse - self.correct * s_lse
+        if outside[4]:  # rows that skip nothing (text queries): no part outside, output 0
+            ok = torch.isfinite(rest[1])
+            out, lse = torch.where(ok[..., None], out, 0.0), torch.where(ok, lse, float("-inf"))
+        state["history"] = [*state.get("history", [])[-1:], (out, lse, step)]
+
 
 @dataclass
 class Neighborhood(_TiledSparse):
@@ -219,8 +307,7 @@ class Neighborhood(_TiledSparse):
     _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.estimate, bool):
-            raise ValueError(f"Neighborhood(estimate={self.estimate!r}): expected True or False")
+        self._check_estimate()
         if self.window is None:
             self.window = (1, 1, 1) if self.estimate else (0.5, 0.5, 0.5)
         window = (self.window,) * 3 if isinstance(self.window, int | float) else tuple(self.window)
@@ -232,19 +319,6 @@ class Neighborhood(_TiledSparse):
                              "<= 1; give tokens as ints")
         self.window = window
         self.stride = _triple_or_none(self.stride, "Neighborhood(stride)")
-        steps = tuple(self.full_steps)
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
-            raise ValueError(f"Neighborhood(full_steps={self.full_steps!r}): expected denoising step indices (ints "
-                             ">= 0), e.g. (0, 1, 2, 5)")
-        self.full_steps = tuple(sorted(set(steps)))
-        if isinstance(self.full_every, bool) or not isinstance(self.full_every, int) or self.full_every < 0:
-            raise ValueError(f"Neighborhood(full_every={self.full_every!r}): expected an int >= 0 (0: no full passes "
-                             "after full_steps)")
-        if not self.correct >= 0:
-            raise ValueError(f"Neighborhood(correct={self.correct!r}): expected a factor >= 0 (0: no correction)")
-        self._warmup = 0  # the last of the leading full steps 0, 1, ...: the forecast starts there
-        while self._warmup + 1 in self.full_steps:
-            self._warmup += 1
         self._check_common()
 
     def window_tokens(self, grid) -> tuple[int, int, int]:
@@ -266,131 +340,126 @@ class Neighborhood(_TiledSparse):
                 summary_pairs = float(torch.einsum("bhqk,q,k->", (~tiles).double(), lens, (lens > 0).double()))
                 some_full = bool(tiles[0, 0].all(-1).any())  # rows that skip nothing (text queries)
                 outside = (summary_pairs, *(t.to(device) for t in tiles_to_blocks(~tiles)),
-                           _est.summary_bias(order, blocks.to(device), counts.to(device)), some_full)
+                           _est.summary_mask(order, tiles.to(device)), some_full)
             # order pins id()
             self._layouts[key] = (row_pairs, blocks.to(device), counts.to(device), order, outside)
         return self._layouts[key]
-
-    def _full_step(self, step: int) -> bool:
-        last = self.full_steps[-1] if self.full_steps else 0
-        return step in self.full_steps or (self.full_every > 0 and step > last and (step - last) % self.full_every == 0)
 
     def __call__(self, query, key, value, attn_mask, call: AttentionCall | None = None):
         order = self._order(query, key, attn_mask, call)
         if order is None or self._dense_step(order, call, query):
             return self._dense(query, key, value, attn_mask, call)
         row_pairs, blocks, counts, _, outside = self._geometry(order)
-        rows = query.shape[0] * query.shape[1]
         if outside is None:  # the window alone (or it covers the grid)
-            self._count(row_pairs, order, rows)
+            self._count(row_pairs, order, query.shape[0] * query.shape[1])
             return block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
                                           seq_index=order.index)
-        state, step = call.state, call.layout.step_index
-        if state.get("no_room"):
-            self._count_full(order, rows)
-            return self._dense(query, key, value, attn_mask, call)
-        inside = kernel_pass(query, key, value, order, blocks, counts)
-        if self._full_step(step) or "history" not in state:
-            self._count_full(order, rows)
-            rest = kernel_pass(query, key, value, order, *outside[1:3])
-            if step >= self._warmup:
-                self._remember(state, rest, query, key, value, order, outside, step)
-            return _est.merge_into(*inside, *rest)
-        self._count(row_pairs, order, rows)
-        history = state["history"]
-        out, lse = history[-1][:2]
-        if len(history) == 2:  # the line through the last two full passes
-            (o1, l1, t1), (o2, l2, t2) = history
-            w = 1.0 + (step - t2) / (t2 - t1)
-            out, lse = torch.lerp(o1, o2, w), torch.lerp(l1, l2, w)
-            if outside[4]:
-                lse = torch.where(torch.isfinite(l2), lse, l2)
-        if self.correct:  # the forecast of (outside - correct x summary), plus correct x the summary now
-            now_out, now_lse = self._summary(query, key, value, order, outside)
-            out, lse = torch.add(out, now_out, alpha=self.correct), lse + self.correct * now_lse
-        return _est.merge_into(*inside, out, lse)
-
-    def _summary(self, query, key, value, order, outside):
-        """The summary tokens' part (output, log-sum-exp) in model order, counted in density."""
-        self._pairs[0] += outside[0] * query.shape[0] * query.shape[1]
-        return _est.summary_part(query, key, value, order, outside[3])
-
-    def _remember(self, state, rest, query, key, value, order, outside, step) -> None:
-        """Keep a full pass's outside part (minus `correct` x its summary part) for the forecast: the
-        last two passes, in the query's dtype. The first time per layer and branch, check that CUDA
-        memory holds them; where it does not, that layer and branch run dense from now on."""
-        out, lse = rest
-        need = 2 * (out.numel() * out.element_size() + lse.numel() * lse.element_size())
-        if "history" not in state and not _fits(need, query.device):
-            state["no_room"] = True
-            self._once("no-room", "dit_accel Neighborhood(estimate=True): the forecast needs %.2f GB per layer and CFG "
-                       "branch and %s is short of memory; layers that do not fit run dense attention (slower). Pass "
-                       "estimate=False to use the window alone, or free memory (e.g. enable_model_cpu_offload).",
-                       need / 2**30, query.device)
-            return
-        if self.correct:
-            s_out, s_lse = self._summary(query, key, value, order, outside)
-            out, lse = torch.add(out, s_out, alpha=-self.correct), lse - self.correct * s_lse
-        if outside[4]:  # rows that skip nothing (text queries): no part outside, output 0
-            ok = torch.isfinite(rest[1])
-            out, lse = torch.where(ok[..., None], out, 0.0), torch.where(ok, lse, float("-inf"))
-        state["history"] = [*state.get("history", [])[-1:], (out, lse, step)]
+        return self._estimated(query, key, value, attn_mask, call, order, row_pairs, blocks, counts, outside)
 
 
 @dataclass
 class TemporalSparse(_TiledSparse):
-    """Skip key tiles that were negligible at the previous denoising step (LiteAttention's idea).
+    """Skip the key tiles the kernel found negligible at an earlier denoising step (LiteAttention's
+    idea), by default estimating what the skipped tiles add.
 
-    Every sparse pass also reports, per visited key tile, the largest weight it gave any query
-    relative to that query's running maximum (no extra profiling pass). Tiles below `2**threshold`
-    are skipped at the next step of the same layer, CFG branch and shape; the skip set is reset per
-    generation.
+    Every pass the kernel runs also reports, per visited key tile, the largest weight it gave any
+    query relative to that query's running maximum (its gap; no extra profiling pass), and the skip
+    set is kept per layer, CFG branch and shape, reset per generation.
+
+    With `estimate` (the default), every tile is computed at the steps of `full_steps` and then every
+    `full_every` steps, as in `Neighborhood`. At the last of the leading full steps (0, 1, 2; the
+    ones before it run dense) the kernel's gaps choose, per batch, head and query tile, the key tiles
+    computed exactly from then on: the query tile's own tile (the diagonal) and the highest-gap tiles
+    at or above `threshold`, at least `min_density` and at most `max_density` of them. Between full
+    passes each query attends exactly to those tiles and merges (through the log-sum-exp) an estimate
+    of the rest: their part of the output and log-sum-exp, forecast linearly from the last two full
+    passes, corrected by `correct` times how far one summary token per skipped tile (its mean key and
+    value) has moved from its own forecast. On the ShapesBench reference model (20 steps) the defaults
+    compute under 40% of the attention pairs (README, "What sparsity costs"). Memory: two attention
+    outputs and log-sum-exps per layer and CFG branch; where CUDA memory runs short, the layers that
+    do not fit run dense (logged once).
+
+    With `estimate=False`, tiles below `2**threshold` are dropped at the next step, after
+    `warmup_steps` dense ones; `refresh_every` and `refresh_tol` bring dropped tiles back.
 
     Args:
-        threshold: log2 ratio; a key tile is dropped when every query of the query tile weighs it
-            below `2**threshold` of its row maximum. `-inf` never drops anything (dense).
-        warmup_steps: the first denoising steps run every tile (and record the first skip set).
-        refresh_every: every this many steps after warm-up, one step runs every tile again and
-            recomputes the skip set, bringing back wrongly skipped tiles (0: never).
-        refresh_tol: error-triggered refresh: when the mean drop of the rows' log-sum-exp against
-            the last full step exceeds this (nats), the next step runs every tile (`None`: off).
-            Decided on the device, without a host sync.
-        min_density / max_density: per query tile, at least / at most this fraction of key tiles
-            is kept (the most weighted ones).
+        threshold: log2 ratio; a key tile is negligible when every query of the query tile weighs it
+            below `2**threshold` of its row maximum. `-inf`: nothing is negligible (dense, with the
+            default `max_density`).
+        warmup_steps: without the estimate, the first denoising steps run every tile (and record the
+            first skip set); default 2.
+        refresh_every: without the estimate, every this many steps after warm-up one step runs every
+            tile again and recomputes the skip set, bringing back wrongly skipped tiles (0: never);
+            default 5.
+        refresh_tol: without the estimate, error-triggered refresh: when the mean drop of the rows'
+            log-sum-exp against the last full step exceeds this (nats), the next step runs every tile
+            (`None`: off); default 0.1. Decided on the device, without a host sync.
+        min_density / max_density: per query tile, at least / at most this fraction of key tiles is
+            kept (the highest-gap ones; with the estimate, the own tile besides them). Defaults: 0.05
+            / 1 without the estimate; 0 / 0.025 with it (1 when `threshold` is `-inf`).
         tile: `(t, h, w)` tokens per 3D tile; `None` picks one per grid.
         dense_steps / dense_layers: steps and blocks that always run dense.
         packed: fill kernel tiles with video tokens in 3D-tile order without padding
             (`kernels.tile_order`): no work on padding slots where the 3D tiles do not divide the grid.
+        estimate: estimate the skipped tiles (above); `False`: drop them.
+        full_steps / full_every: with `estimate`, the steps that compute every tile: those listed,
+            then every `full_every` steps after the last of them (0: none after).
+        correct: with `estimate`, the factor on the summary tokens' correction (0: the forecast alone).
     """
 
     threshold: float = -10.0
-    warmup_steps: int = 2
-    refresh_every: int = 5
-    refresh_tol: float | None = 0.1
-    min_density: float = 0.05
-    max_density: float = 1.0
+    warmup_steps: int | None = _MODE_DEFAULT
+    refresh_every: int | None = _MODE_DEFAULT
+    refresh_tol: float | None = _MODE_DEFAULT
+    min_density: float = _MODE_DEFAULT
+    max_density: float = _MODE_DEFAULT
     tile: tuple | None = None
     dense_steps: int = 0
     dense_layers: tuple = ()
     packed: bool = True
+    estimate: bool = True
+    full_steps: tuple = (0, 1, 2, 5)
+    full_every: int = 4
+    correct: float = 1.0
 
     def __post_init__(self) -> None:
+        self._check_estimate()
+        if self.estimate:
+            for name in ("warmup_steps", "refresh_every", "refresh_tol"):
+                if getattr(self, name) is not _MODE_DEFAULT:
+                    raise ValueError(f"TemporalSparse({name}={getattr(self, name)!r}): applies without the estimate; "
+                                     "pass estimate=False, or set full_steps / full_every for the full passes")
+                setattr(self, name, None)
+        defaults = dict(warmup_steps=2, refresh_every=5, refresh_tol=0.1, min_density=0.05, max_density=1.0)
+        if self.estimate:
+            defaults.update(min_density=0.0, max_density=1.0 if self.threshold == float("-inf") else 0.025)
+        for name, value in defaults.items():
+            if getattr(self, name) is _MODE_DEFAULT:
+                setattr(self, name, value)
         if not 0.0 <= self.min_density <= self.max_density <= 1.0:
             raise ValueError(f"TemporalSparse(min_density={self.min_density}, max_density={self.max_density}): need "
                              "0 <= min_density <= max_density <= 1")
         if self.max_density <= 0:
             raise ValueError("TemporalSparse(max_density): must be > 0")
-        for name in ("warmup_steps", "refresh_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TemporalSparse({name}={getattr(self, name)}): must be >= 0")
-        if self.refresh_tol is not None and self.refresh_tol <= 0:
-            raise ValueError(f"TemporalSparse(refresh_tol={self.refresh_tol}): must be > 0, or None to turn it off")
+        if not self.estimate:
+            for name in ("warmup_steps", "refresh_every"):
+                if getattr(self, name) < 0:
+                    raise ValueError(f"TemporalSparse({name}={getattr(self, name)}): must be >= 0")
+            if self.refresh_tol is not None and self.refresh_tol <= 0:
+                raise ValueError(f"TemporalSparse(refresh_tol={self.refresh_tol}): must be > 0, or None to turn it "
+                                 "off")
         self._check_common()
+
+    def _bounds(self, n: int) -> tuple[int, int]:
+        """(k_min, k_max): the density floor and ceiling in key tiles of ``n``."""
+        return max(1, math.ceil(self.min_density * n)), max(1, math.ceil(self.max_density * n))
 
     def __call__(self, query, key, value, attn_mask, call: AttentionCall | None = None):
         order = self._order(query, key, attn_mask, call)
         if order is None or self._dense_step(order, call, query):
             return self._dense(query, key, value, attn_mask, call)
+        if self.estimate:
+            return self._estimate_call(query, key, value, attn_mask, call, order)
         B, H = query.shape[:2]
         n = order.tile_len.numel()
         state = call.state
@@ -407,6 +476,70 @@ class TemporalSparse(_TiledSparse):
         out, gap = self._attend(query, key, value, order, state, blocks, counts, full_now)
         self._update(state, gap, blocks, counts, order, full_now, B * H)
         return out
+
+    def _estimate_call(self, query, key, value, attn_mask, call: AttentionCall, order: TileOrder):
+        """A call with the estimate. The step before the last leading full step runs the kernel over
+        every tile and keeps its LSE; the next call computes every tile in one kernel pass whose gaps
+        are measured against that LSE, chooses the exact tiles from them (`_choose`) and keeps the
+        skipped tiles' part for the forecast; the later ones are `_estimated` calls."""
+        state, step = call.state, call.layout.step_index
+        rows = query.shape[0] * query.shape[1]
+        if state.get("no_room") or step < self._warmup:
+            self._count_full(order, rows)
+            if step == self._warmup - 1 and not state.get("no_room"):
+                out, state["ref_lse"] = self._full_pass(query, key, value, order, return_lse=True)
+                return out
+            return self._dense(query, key, value, attn_mask, call)
+        if "chosen" not in state:
+            self._count_full(order, rows)
+            ref = state.pop("ref_lse", None)
+            if ref is None:  # no pass before this one: its own LSE first, one more pass over every tile
+                self._pairs[0] += rows * _tokens(order) ** 2
+                ref = self._full_pass(query, key, value, order, return_lse=True)[1]
+            out, gap = self._full_pass(query, key, value, order, return_gap=True, gap_ref=ref)
+            state["chosen"] = self._choose(gap, order)
+            outside = state["chosen"][3]
+            if outside is not None:
+                rest = kernel_pass(query, key, value, order, *outside[1:3])
+                self._remember(state, rest, query, key, value, order, outside, step)
+            return out
+        row_pairs, blocks, counts, outside = state["chosen"]
+        if outside is None:  # nothing skipped: every tile, exactly
+            self._count_full(order, rows)
+            return block_sparse_attention(query, key, value, blocks, counts, tile_len=order.tile_len,
+                                          seq_index=order.index)
+        return self._estimated(query, key, value, attn_mask, call, order, row_pairs, blocks, counts, outside)
+
+    @staticmethod
+    def _full_pass(query, key, value, order: TileOrder, **extras):
+        """The kernel over every tile of ``order`` with ``extras`` (LSE, gap; in tiled order)."""
+        return block_sparse_attention(query, key, value, *_full_layout(order.tile_len.numel(), query.device),
+                                      tile_len=order.tile_len, seq_index=order.index, **extras)
+
+    def _choose(self, gap, order: TileOrder):
+        """(pairs per attention row, blocks, counts, outside) of the tiles computed exactly between full
+        passes, from the gaps of a pass over every tile (visiting order = tile order) measured against
+        the rows' LSE: per (batch, head, query tile) its own tile and the highest-gap other tiles within
+        the threshold, floor and ceiling (`next_blocks`; text tiles and rows keep every tile);
+        ``outside`` as `_estimated` takes it, None when nothing is skipped. One host sync (the pair
+        counts), once per layer, CFG branch and generation."""
+        n = order.tile_len.numel()
+        k_min, k_max = self._bounds(n)
+        gap.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))  # the own tile is kept anyway: rank the others
+        nxt = next_blocks(gap, *_full_layout(n, gap.device), n_k=n, threshold=self.threshold, k_min=k_min,
+                          k_max=k_max, text_tile=order.video_tiles if order.text else None)
+        kept = self.tile_mask({"blocks": nxt.blocks, "counts": nxt.counts}, n)
+        kept |= torch.eye(n, dtype=torch.bool, device=kept.device)
+        lens = order.tile_len.to(kept.device).double()
+        per_row = kept.shape[0] * kept.shape[1]
+        row_pairs = float(torch.einsum("bhqk,q,k->", kept.double(), lens, lens)) / per_row
+        blocks, counts = tiles_to_blocks(kept, n)
+        if kept.all():
+            return row_pairs, blocks, counts, None
+        summary_pairs = float(torch.einsum("bhqk,q,k->", (~kept).double(), lens, (lens > 0).double())) / per_row
+        some_full = bool(kept.all(-1).any())  # rows that skip nothing (text queries)
+        return (row_pairs, blocks, counts,
+                (summary_pairs, *tiles_to_blocks(~kept, n), _est.summary_mask(order, kept), some_full))
 
     def _checks_error(self, state: dict, full_now: bool) -> bool:
         """Whether this sparse pass measures its LSE drop against the last full pass."""
@@ -439,7 +572,7 @@ class TemporalSparse(_TiledSparse):
         n = order.tile_len.numel()
         check = self._checks_error(state, full_now)
         nxt = next_blocks(gap, blocks, counts, n_k=n, threshold=self.threshold,
-                          k_min=max(1, math.ceil(self.min_density * n)), k_max=max(1, math.ceil(self.max_density * n)),
+                          k_min=self._bounds(n)[0], k_max=self._bounds(n)[1],
                           text_tile=order.video_tiles if order.text else None,
                           refresh=state["drop"] if check else None,
                           refresh_above=self.refresh_tol * state["lse"].numel() if check else None,
