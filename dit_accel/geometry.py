@@ -158,9 +158,12 @@ def attach(transformer: torch.nn.Module, pipeline: Any = None) -> tuple[Geometry
 
 
 def detach(transformer: torch.nn.Module) -> None:
-    """Remove the geometry hook and the module bindings from `transformer`."""
+    """Remove the geometry hook and the module bindings from `transformer`, freeing the methods' state
+    at once (the hook sits in reference cycles, so it would otherwise wait for the cyclic collector,
+    holding GPU memory such as the sparse methods' forecasts)."""
     registry = getattr(transformer, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+        registry.get_hook(HOOK_NAME).new_generation()
         registry.remove_hook(HOOK_NAME, recurse=False)
     for _, module in attention_modules(transformer):
         _BINDINGS.pop(module, None)

@@ -1,5 +1,8 @@
 """dit_accel.apply: one verb on, `remove()` restores stock behaviour exactly; clear errors."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from diffusers import UNet2DModel, WanPipeline
@@ -117,3 +120,37 @@ def test_from_pretrained_local_pipeline(tmp_path):
     assert HOOK_NAME in loaded.transformer._diffusers_hook.hooks
     assert (pipeline_output(loaded, kwargs) - stock).abs().max().item() <= 1e-5
     handle.remove()
+
+
+class _Keeper(dit_accel.Dense):
+    """Dense attention that keeps a tensor in its per-layer state, as the sparse methods' forecasts do."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept = []
+
+    def __call__(self, query, key, value, attn_mask, call=None):
+        if call is not None and "x" not in call.state:
+            call.state["x"] = torch.zeros(3)
+            self.kept.append(weakref.ref(call.state["x"]))
+        return super().__call__(query, key, value, attn_mask, call)
+
+
+def test_remove_frees_method_state_at_once():
+    """Removing frees what methods keep per layer right away, not at the next cyclic garbage
+    collection (which GPU memory does not trigger): on a bare transformer, whose state lives on
+    after its calls (a pipeline's call clears it at its end)."""
+    model = make_tiny_pipeline("wan").transformer
+    x = torch.randn(1, model.config.in_channels, 3, 16, 16)
+    text = torch.randn(1, 8, model.config.text_dim)
+    method = _Keeper()
+    handle = dit_accel.apply(model, attention=method)
+    with torch.no_grad():
+        model(hidden_states=x, timestep=torch.full((1,), 999.0), encoder_hidden_states=text, return_dict=False)
+    assert method.kept and all(ref() is not None for ref in method.kept)
+    gc.disable()
+    try:
+        handle.remove()
+        assert all(ref() is None for ref in method.kept)
+    finally:
+        gc.enable()
