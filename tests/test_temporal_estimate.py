@@ -143,12 +143,14 @@ def test_runs_dense_where_memory_is_short(monkeypatch, caplog):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(warmup_steps=3), "warmup_steps=3.*estimate=False"),
     (dict(refresh_every=2), "refresh_every=2"),
-    (dict(refresh_tol=None), "refresh_tol=None"),
+    (dict(refresh_tol=0.2), "refresh_tol=0.2"),
     (dict(estimate="yes"), "estimate='yes'"),
     (dict(full_steps=(0, -2)), "full_steps"),
     (dict(full_every=-1), "full_every=-1"),
     (dict(correct=-1.0), "correct=-1.0"),
     (dict(min_density=0.5), "min_density=0.5, max_density=0.025"),
+    (dict(min_density="half"), "min_density='half'.*'auto'"),
+    (dict(estimate=False, warmup_steps=None), "warmup_steps=None"),
 ])
 def test_arguments_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -182,3 +184,21 @@ def test_estimate_through_the_processor():
     assert method.density() < 0.9
     assert torch.isfinite(out).all()
     assert (out - stock).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("estimate", [True, False])
+def test_parameters_round_trip_through_json(estimate):
+    """What the app's form starts from (the fields' defaults as JSON, 'auto' for the mode's) and what
+    to_dict() records both build the same method again."""
+    import json
+
+    from dit_accel.methods import METHODS
+    from dit_accel.ui.core import method_defaults
+
+    form = json.loads(method_defaults("TemporalSparse"))
+    form["estimate"] = estimate
+    method = METHODS["TemporalSparse"](**{k: tuple(v) if isinstance(v, list) else v for k, v in form.items()})
+    assert method.to_dict() == dit_accel.TemporalSparse(estimate=estimate).to_dict()
+    again = {k: v for k, v in json.loads(json.dumps(method.to_dict())).items() if k != "method"}
+    assert dit_accel.TemporalSparse(**{k: tuple(v) if isinstance(v, list) else v for k, v in again.items()}
+                                    ).to_dict() == method.to_dict()

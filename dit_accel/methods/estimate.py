@@ -3,8 +3,9 @@ log-sum-exps, forecasting a part from earlier passes, and summary tokens of the 
 
 Attention over two disjoint key sets is exactly the merge of each set's output weighted by its
 log-sum-exp (LSE), so a sparse pass can add an estimate of the tiles it skips as one more part:
-`Neighborhood(estimate=True)` forecasts that part from the full passes and corrects the forecast
-by what summary tokens of the skipped tiles (one mean key and value per run of keys) do now.
+`Neighborhood(estimate=True)` and `TemporalSparse(estimate=True)` forecast that part from the full
+passes and correct the forecast by what summary tokens of the skipped tiles (one mean key and value
+per run of keys) do now.
 """
 
 from __future__ import annotations

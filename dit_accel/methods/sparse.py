@@ -1,6 +1,6 @@
-"""Sparse attention over tile-aligned video tokens: `Neighborhood` (static 3D windows, by default with
-an estimate of the tiles outside them) and `TemporalSparse` (tiles found negligible at one denoising
-step are skipped at the next).
+"""Sparse attention over tile-aligned video tokens: `Neighborhood` (static 3D windows) and
+`TemporalSparse` (the tiles the kernel finds light at one denoising step are skipped at the next), both
+by default with an estimate of the tiles they skip.
 
 Both lay the video tokens of a self- or joint-attention call out in 3D tiles
 (`dit_accel.kernels.tile_order`) and run the block-sparse kernel (`dit_accel.kernels.block_sparse`:
@@ -29,7 +29,7 @@ from .dense import Dense
 logger = logging.getLogger("dit_accel")
 
 
-_MODE_DEFAULT = type("ModeDefault", (), {"__repr__": lambda self: "<default of the mode>"})()
+AUTO = "auto"  # TemporalSparse: the default of the mode (with or without the estimate)
 
 
 def _full_layout(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,9 +264,10 @@ class Neighborhood(_TiledSparse):
     log-sum-exp) an estimate of the tiles outside it: their part of the output and log-sum-exp,
     forecast linearly (in the step index) from the last two full passes, corrected by `correct`
     times how far one summary token per skipped tile (its mean key and value) has moved from its own
-    forecast. The leading full steps (0, 1, 2) are warm-up: the forecast starts from the last of them.
-    On the ShapesBench reference model (20 steps) the defaults compute 37.6% of the attention pairs
-    and give 29.3 dB PSNR / SSIM 0.91 against dense (README, "What sparsity costs"). Memory: two
+    forecast. The leading full steps (0, 1, 2) are warm-up: the forecast starts from the last of them,
+    and the ones before it run dense attention. On the ShapesBench reference model (20 steps) the
+    defaults compute 37.6% of the attention pairs and give 29.5 dB PSNR / SSIM 0.91 against dense
+    (README, "What sparsity costs"). Memory: two
     attention outputs and log-sum-exps per layer and CFG branch (5.8 GB measured for Wan2.1-1.3B at
     480p in bf16 without CFG, twice that with it); where CUDA memory runs short, the layers that do
     not fit run dense (logged once).
@@ -375,7 +376,8 @@ class TemporalSparse(_TiledSparse):
     of the rest: their part of the output and log-sum-exp, forecast linearly from the last two full
     passes, corrected by `correct` times how far one summary token per skipped tile (its mean key and
     value) has moved from its own forecast. On the ShapesBench reference model (20 steps) the defaults
-    compute under 40% of the attention pairs (README, "What sparsity costs"). Memory: two attention
+    compute 39.5% of the attention pairs and give 30.0 dB PSNR / SSIM 0.92 against dense (README,
+    "What sparsity costs"). Memory: two attention
     outputs and log-sum-exps per layer and CFG branch; where CUDA memory runs short, the layers that
     do not fit run dense (logged once).
 
@@ -384,18 +386,19 @@ class TemporalSparse(_TiledSparse):
 
     Args:
         threshold: log2 ratio; a key tile is negligible when every query of the query tile weighs it
-            below `2**threshold` of its row maximum. `-inf`: nothing is negligible (dense, with the
-            default `max_density`).
+            below `2**threshold` of its row maximum (with the estimate: gives each of its keys an
+            attention probability below `2**threshold`, against the previous step's log-sum-exp).
+            `-inf`: nothing is negligible (dense, with the default `max_density`).
         warmup_steps: without the estimate, the first denoising steps run every tile (and record the
-            first skip set); default 2.
+            first skip set); `"auto"`: 2.
         refresh_every: without the estimate, every this many steps after warm-up one step runs every
             tile again and recomputes the skip set, bringing back wrongly skipped tiles (0: never);
-            default 5.
+            `"auto"`: 5.
         refresh_tol: without the estimate, error-triggered refresh: when the mean drop of the rows'
             log-sum-exp against the last full step exceeds this (nats), the next step runs every tile
-            (`None`: off); default 0.1. Decided on the device, without a host sync.
+            (`None`: off); `"auto"`: 0.1. Decided on the device, without a host sync.
         min_density / max_density: per query tile, at least / at most this fraction of key tiles is
-            kept (the highest-gap ones; with the estimate, the own tile besides them). Defaults: 0.05
+            kept (the highest-gap ones; with the estimate, the own tile besides them). `"auto"`: 0.05
             / 1 without the estimate; 0 / 0.025 with it (1 when `threshold` is `-inf`).
         tile: `(t, h, w)` tokens per 3D tile; `None` picks one per grid.
         dense_steps / dense_layers: steps and blocks that always run dense.
@@ -408,11 +411,11 @@ class TemporalSparse(_TiledSparse):
     """
 
     threshold: float = -10.0
-    warmup_steps: int | None = _MODE_DEFAULT
-    refresh_every: int | None = _MODE_DEFAULT
-    refresh_tol: float | None = _MODE_DEFAULT
-    min_density: float = _MODE_DEFAULT
-    max_density: float = _MODE_DEFAULT
+    warmup_steps: int | str | None = AUTO
+    refresh_every: int | str | None = AUTO
+    refresh_tol: float | str | None = AUTO
+    min_density: float | str = AUTO
+    max_density: float | str = AUTO
     tile: tuple | None = None
     dense_steps: int = 0
     dense_layers: tuple = ()
@@ -424,9 +427,9 @@ class TemporalSparse(_TiledSparse):
 
     def __post_init__(self) -> None:
         self._check_estimate()
-        if self.estimate:
+        if self.estimate:  # these three belong to skip-and-drop; None (as to_dict gives them) is accepted
             for name in ("warmup_steps", "refresh_every", "refresh_tol"):
-                if getattr(self, name) is not _MODE_DEFAULT:
+                if getattr(self, name) not in (AUTO, None):
                     raise ValueError(f"TemporalSparse({name}={getattr(self, name)!r}): applies without the estimate; "
                                      "pass estimate=False, or set full_steps / full_every for the full passes")
                 setattr(self, name, None)
@@ -434,8 +437,16 @@ class TemporalSparse(_TiledSparse):
         if self.estimate:
             defaults.update(min_density=0.0, max_density=1.0 if self.threshold == float("-inf") else 0.025)
         for name, value in defaults.items():
-            if getattr(self, name) is _MODE_DEFAULT:
+            if getattr(self, name) == AUTO:
                 setattr(self, name, value)
+        numbers = ("min_density", "max_density", "refresh_tol") + (() if self.estimate else ("warmup_steps",
+                                                                                              "refresh_every"))
+        for name in numbers:
+            value = getattr(self, name)
+            off = value is None and name == "refresh_tol"
+            if isinstance(value, bool) or not (isinstance(value, int | float) or off):
+                raise ValueError(f"TemporalSparse({name}={value!r}): expected a number, or 'auto' for the default of "
+                                 "the mode")
         if not 0.0 <= self.min_density <= self.max_density <= 1.0:
             raise ValueError(f"TemporalSparse(min_density={self.min_density}, max_density={self.max_density}): need "
                              "0 <= min_density <= max_density <= 1")
