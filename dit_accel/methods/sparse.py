@@ -267,10 +267,9 @@ class Neighborhood(_TiledSparse):
     forecast. The leading full steps (0, 1, 2) are warm-up: the forecast starts from the last of them,
     and the ones before it run dense attention. On the ShapesBench reference model (20 steps) the
     defaults compute 37.6% of the attention pairs and give 29.5 dB PSNR / SSIM 0.91 against dense
-    (README, "What sparsity costs"). Memory: two
-    attention outputs and log-sum-exps per layer and CFG branch (5.8 GB measured for Wan2.1-1.3B at
-    480p in bf16 without CFG, twice that with it); where CUDA memory runs short, the layers that do
-    not fit run dense (logged once).
+    (README, "What sparsity costs"). Memory: two attention outputs and log-sum-exps per layer and CFG
+    branch (5.7 GB measured for Wan2.1-1.3B at 480p in bf16 without CFG, twice that with it); where
+    CUDA memory runs short, the layers that do not fit run dense (logged once).
 
     Args:
         window: `(t, h, w)` window per query, in tokens after patching (frames, rows, columns), or
@@ -364,8 +363,9 @@ class TemporalSparse(_TiledSparse):
     idea), by default estimating what the skipped tiles add.
 
     Every pass the kernel runs also reports, per visited key tile, the largest weight it gave any
-    query relative to that query's running maximum (its gap; no extra profiling pass), and the skip
-    set is kept per layer, CFG branch and shape, reset per generation.
+    query relative to that query's running maximum (with the estimate: to its log-sum-exp at the
+    step before), its gap, with no extra profiling pass; the skip set is kept per layer, CFG branch
+    and shape, reset per generation.
 
     With `estimate` (the default), every tile is computed at the steps of `full_steps` and then every
     `full_every` steps, as in `Neighborhood`. At the last of the leading full steps (0, 1, 2; the
@@ -377,9 +377,8 @@ class TemporalSparse(_TiledSparse):
     passes, corrected by `correct` times how far one summary token per skipped tile (its mean key and
     value) has moved from its own forecast. On the ShapesBench reference model (20 steps) the defaults
     compute 39.5% of the attention pairs and give 30.0 dB PSNR / SSIM 0.92 against dense (README,
-    "What sparsity costs"). Memory: two attention
-    outputs and log-sum-exps per layer and CFG branch; where CUDA memory runs short, the layers that
-    do not fit run dense (logged once).
+    "What sparsity costs"). Memory: as `Neighborhood`'s (5.9 GB measured for Wan2.1-1.3B at 480p
+    without CFG); where CUDA memory runs short, the layers that do not fit run dense (logged once).
 
     With `estimate=False`, tiles below `2**threshold` are dropped at the next step, after
     `warmup_steps` dense ones; `refresh_every` and `refresh_tol` bring dropped tiles back.
