@@ -377,3 +377,32 @@ def test_scheduled_variants_cross_every_option():
     assert "correct" not in variants()[0][0]
     with pytest.raises(ValueError, match="pool=48"):
         variants("correct", "1", "pool", "48")
+
+
+def test_gap_ranks_on_a_planted_layout():
+    """benchmarks/gap_ranks.py's statistics where the heaviest other key tile of every query tile is
+    known: query tile i's queries align with the keys of tile (i + 3) mod 8. The gap against the
+    rows' LSE ranks that tile first everywhere. The running-max gap of the first tile visited (tile
+    0) is always 0, the largest possible, so for query tiles 1-7 the running-max top is tile 0, the
+    heaviest only for query tile 5 (whose planted tile it is); query tile 0 (own tile masked) may go
+    either way."""
+    from dit_accel.benchmarks import gap_ranks
+    from dit_accel.kernels.tile_order import tile_order
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    grid = (4, 16, 16)
+    order = tile_order(grid, None, 0, False, "cpu", packed=True)
+    n = order.tile_len.numel()
+    assert n == 8
+    tile_of = torch.empty(1024, dtype=torch.long)
+    tile_of[order.index.long()] = torch.arange(n * 128) // 128
+    direction = torch.randn(n, 32, generator=g)
+    q = torch.randn(1, 2, 1024, 32, generator=g) * 0.3 + 3 * direction[tile_of]
+    k = torch.randn(1, 2, 1024, 32, generator=g) * 0.3 + 3 * direction[(tile_of - 3) % n]
+    stats = gap_ranks.tile_stats(q, k, grid)
+    rows = stats["rows"]
+    assert rows == 2 * n and stats["tiles"] == n
+    assert stats["ref_top_is_heaviest"] == rows
+    assert stats["running_top_is_first"] >= 2 * (n - 1) and stats["running_top_is_heaviest"] <= 2 * 2
+    assert stats["ref_top_share"] == pytest.approx(stats["heaviest_share"])
+    assert stats["heaviest_share"] / rows > 0.5 > stats["running_top_share"] / rows
