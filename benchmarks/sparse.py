@@ -516,8 +516,9 @@ WAN13B_LATENT = (1, 16, 21, 60, 104)
 
 
 def step_methods() -> dict:
-    """Methods of the full-step benchmark, each at a fixed attention density (~25% and ~10%);
-    Neighborhood's window alone (``estimate=False``), so that every step is a sparse step."""
+    """Methods of the full-step benchmark, each at a fixed attention density (~25% and ~10%):
+    Neighborhood's window alone and TemporalSparse's skip-and-drop (both ``estimate=False``), so that
+    every step is a sparse step."""
     from dit_accel import Neighborhood, TemporalSparse
 
     fixed = dict(threshold=float("inf"), warmup_steps=1, refresh_every=0, refresh_tol=None, estimate=False)
