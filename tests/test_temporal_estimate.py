@@ -89,7 +89,7 @@ def test_estimate_against_float64(correct, split):
 
 def test_without_an_earlier_pass_the_choice_uses_the_steps_own_lse():
     """With only step 0 leading, the choosing pass has no earlier LSE: it measures the gaps against
-    its own (one more pass over every tile, counted in density); its output is dense."""
+    its own (one more pass over the same pairs: density counts each pair once); its output is dense."""
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     q, k, v = (torch.randn(1, 2, S, 32, generator=g) for _ in range(3))
     order = tile_order(GRID, TILE3)
@@ -101,7 +101,7 @@ def test_without_an_earlier_pass_the_choice_uses_the_steps_own_lse():
     out = method(q, k, v, None, attention_call(GRID, step=0, state=state))
     assert (out.double() - torch.softmax(s, -1) @ v.double()).abs().max() < 1e-4
     assert torch.equal(method.tile_mask({"blocks": state["chosen"][1], "counts": state["chosen"][2]}, n), kept)
-    assert method.density() == pytest.approx(2.0)  # two passes over every pair, one call
+    assert method.density() == pytest.approx(1.0)
 
 
 def test_text_rows_stay_exact_and_nothing_turns_nan():

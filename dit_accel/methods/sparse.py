@@ -503,8 +503,7 @@ class TemporalSparse(_TiledSparse):
         if "chosen" not in state:
             self._count_full(order, rows)
             ref = state.pop("ref_lse", None)
-            if ref is None:  # no pass before this one: its own LSE first, one more pass over every tile
-                self._pairs[0] += rows * _tokens(order) ** 2
+            if ref is None:  # no pass before this one: its own LSE first (the same pairs again, not recounted)
                 ref = self._full_pass(query, key, value, order, return_lse=True)[1]
             out, gap = self._full_pass(query, key, value, order, return_gap=True, gap_ref=ref)
             state["chosen"] = self._choose(gap, order)
