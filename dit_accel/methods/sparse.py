@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..kernels.block_sparse import block_sparse_attention, tiles_to_blocks
-from ..kernels.next_layout import next_blocks
+from ..kernels.block_sparse import block_sparse_attention, blocks_to_mask, tiles_to_blocks
+from ..kernels.next_layout import next_blocks, next_mask
 from ..kernels.tile_order import TileOrder, tile_order, window_tiles
 from ..layout import AttentionCall
 from . import estimate as _est
@@ -529,15 +529,14 @@ class TemporalSparse(_TiledSparse):
         """(pairs per attention row, blocks, counts, outside) of the tiles computed exactly between full
         passes, from the gaps of a pass over every tile (visiting order = tile order) measured against
         the rows' LSE: per (batch, head, query tile) its own tile and the highest-gap other tiles within
-        the threshold, floor and ceiling (`next_blocks`; text tiles and rows keep every tile);
+        the threshold, floor and ceiling (`next_mask`; text tiles and rows keep every tile);
         ``outside`` as `_estimated` takes it, None when nothing is skipped. One host sync (the pair
         counts), once per layer, CFG branch and generation."""
         n = order.tile_len.numel()
         k_min, k_max = self._bounds(n)
         gap.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))  # the own tile is kept anyway: rank the others
-        nxt = next_blocks(gap, *_full_layout(n, gap.device), n_k=n, threshold=self.threshold, k_min=k_min,
-                          k_max=k_max, text_tile=order.video_tiles if order.text else None)
-        kept = self.tile_mask({"blocks": nxt.blocks, "counts": nxt.counts}, n)
+        kept = next_mask(gap, *_full_layout(n, gap.device), n_k=n, threshold=self.threshold, k_min=k_min,
+                         k_max=k_max, text_tile=order.video_tiles if order.text else None)
         kept |= torch.eye(n, dtype=torch.bool, device=kept.device)
         lens = order.tile_len.to(kept.device).double()
         per_row = kept.shape[0] * kept.shape[1]
@@ -596,7 +595,4 @@ class TemporalSparse(_TiledSparse):
 
     def tile_mask(self, state: dict, n: int) -> torch.Tensor:
         """The bool ``[B, H, n, n]`` tile mask of the layout ``state`` holds for the next step."""
-        blocks, counts = state["blocks"].long(), state["counts"]
-        live = torch.arange(blocks.shape[-1], device=blocks.device) < counts[..., None]
-        mask = torch.zeros(*blocks.shape[:-1], n + 1, dtype=torch.bool, device=blocks.device)
-        return mask.scatter_(-1, torch.where(live, blocks, n), live)[..., :n]
+        return blocks_to_mask(state["blocks"], state["counts"], n, n, 1, 1)
