@@ -26,10 +26,12 @@ import argparse
 
 import torch
 from dit_accel.benchmarks.report import command_line, print_table, write_result
-from dit_accel.kernels.block_sparse import block_sparse_attention
+from dit_accel.kernels.block_sparse import TILE, block_sparse_attention
 from dit_accel.kernels.tile_order import tile_order
 from dit_accel.methods.base import AttentionMethod
 from dit_accel.methods.dense import Dense
+from dit_accel.methods.estimate import slots
+from dit_accel.methods.sparse import _full_layout
 from dit_accel.pipelines import load_reference
 from dit_accel.pipelines.shapes.pipeline import DEFAULT_SIZE, DEFAULT_STEPS
 from dit_accel.pipelines.shapes.suite import held_out_suite
@@ -50,16 +52,13 @@ def tile_stats(q, k, grid) -> dict:
     """The ranking statistics (sums and counts, see the module docstring) of one self-attention call."""
     order = tile_order(grid, None, 0, False, q.device, packed=True)
     n = order.tile_len.numel()
-    blocks = torch.arange(n, dtype=torch.int32, device=q.device).repeat(1, 1, n, 1)
-    counts = torch.full((1, 1, n), n, dtype=torch.int32, device=q.device)
+    blocks, counts = _full_layout(n, q.device)
     kw = dict(tile_len=order.tile_len, seq_index=order.index)
     _, lse, running = block_sparse_attention(q, k, k, blocks, counts, return_lse=True, return_gap=True, **kw)
     _, ref = block_sparse_attention(q, k, k, blocks, counts, return_gap=True, gap_ref=lse, **kw)
     # exact attention share of each key tile per query tile, float32, one (batch, head) at a time
-    slot_tile = torch.arange(order.length, device=q.device) // 128
-    valid = (torch.arange(order.length, device=q.device) % 128) < order.tile_len.repeat_interleave(128)[
-        : order.length].to(q.device)
-    idx, tiles = order.index.long()[valid], slot_tile[valid]
+    idx, valid = slots(order)
+    idx, tiles = idx[valid], (torch.arange(idx.numel(), device=q.device) // TILE)[valid]
     onehot = torch.nn.functional.one_hot(tiles, n).float()  # [tokens, n]
     share = torch.empty(q.shape[0], q.shape[1], n, n, device=q.device)
     for b in range(q.shape[0]):
