@@ -73,6 +73,13 @@ def attention_call(grid, text=0, text_first=False, step=0, kind=None, state=None
     return AttentionCall(layout, ModuleInfo("blocks.0.attn1", 0, kind), span, lambda: store)
 
 
+def tile_of(order) -> torch.Tensor:
+    """Each model-order token's tile under ``order`` (an order without padding slots)."""
+    out = torch.empty(order.index.numel(), dtype=torch.long)
+    out[order.index.long()] = torch.arange(order.index.numel()) // 128
+    return out
+
+
 def summary64(q, k, v, kept, order, pool):
     """float64 attention of every query to the mean key/value of each run of ``pool`` slots of the key
     tiles its query tile skips (``kept``: bool [query tile, key tile] in tiled order, or one such mask
@@ -81,10 +88,8 @@ def summary64(q, k, v, kept, order, pool):
     n, g = kept.shape[-1], 128 // pool
     pos = order.index.long().view(n, g, pool)
     kbar, vbar = (x.double()[:, :, pos].mean(-2).flatten(2, 3) for x in (k, v))  # [B, H, n * g, D]
-    tile_of = torch.empty(q.shape[2], dtype=torch.long)
-    tile_of[order.index.long()] = torch.arange(n * 128) // 128
     s = q.double() @ kbar.transpose(-1, -2) * q.shape[-1] ** -0.5 + math.log(pool)
-    s = s.masked_fill(kept[..., tile_of, :][..., torch.arange(n).repeat_interleave(g)], float("-inf"))
+    s = s.masked_fill(kept[..., tile_of(order), :][..., torch.arange(n).repeat_interleave(g)], float("-inf"))
     return torch.softmax(s, -1) @ vbar, torch.logsumexp(s, -1)
 
 
@@ -95,17 +100,16 @@ def merge64(o_a, l_a, o_b, l_b):
     return (a * o_a + b * o_b) / (a + b)
 
 
-def check_estimate64(method, inputs, grid, order, kept, correct, state=None):
+def check_estimate64(method, inputs, grid, order, kept, correct):
     """Run ``method`` (an estimate with full passes at steps 0, 1, 3, 5, the forecast starting at step
     1) over the 7 steps of ``inputs`` and check every output against float64: full passes dense; a
     sparse step the exact attention to the ``kept`` tiles (bool [query tile, key tile], or one mask
     per batch and head row) merged with the linear forecast, from the last two full passes, of
-    (skipped part - correct x summary part), plus correct x the summary part now."""
-    state = {} if state is None else state
-    n = order.tile_len.numel()
-    tile_of = torch.empty(inputs[0][0].shape[2], dtype=torch.long)
-    tile_of[order.index.long()] = torch.arange(n * 128) // 128
-    inside = kept[..., tile_of, :][..., tile_of]  # [(B, H,) query, key] in model order
+    (skipped part - correct x summary part), plus correct x the summary part now. Returns the state
+    the method kept."""
+    state = {}
+    tiles = tile_of(order)
+    inside = kept[..., tiles, :][..., tiles]  # [(B, H,) query, key] in model order
     passes = {}
     for step, (q, k, v) in enumerate(inputs):
         out = method(q, k, v, None, attention_call(grid, step=step, state=state))

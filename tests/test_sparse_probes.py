@@ -8,7 +8,7 @@ import torch
 from dit_accel.benchmarks import sparse_pooled
 from dit_accel.methods import estimate
 from dit_accel.kernels.block_sparse import TILE, block_sparse_attention_reference, tiles_to_blocks
-from helpers import attention_call, summary64
+from helpers import attention_call, summary64, tile_of
 
 import dit_accel.methods.sparse as sparse_methods
 
@@ -395,11 +395,10 @@ def test_gap_ranks_on_a_planted_layout():
     order = tile_order(grid, None, 0, False, "cpu", packed=True)
     n = order.tile_len.numel()
     assert n == 8
-    tile_of = torch.empty(1024, dtype=torch.long)
-    tile_of[order.index.long()] = torch.arange(n * 128) // 128
+    tiles = tile_of(order)
     direction = torch.randn(n, 32, generator=g)
-    q = torch.randn(1, 2, 1024, 32, generator=g) * 0.3 + 3 * direction[tile_of]
-    k = torch.randn(1, 2, 1024, 32, generator=g) * 0.3 + 3 * direction[(tile_of - 3) % n]
+    q = torch.randn(1, 2, 1024, 32, generator=g) * 0.3 + 3 * direction[tiles]
+    k = torch.randn(1, 2, 1024, 32, generator=g) * 0.3 + 3 * direction[(tiles - 3) % n]
     stats = gap_ranks.tile_stats(q, k, grid)
     rows = stats["rows"]
     assert rows == 2 * n and stats["tiles"] == n

@@ -9,7 +9,7 @@ import pytest
 import torch
 from dit_accel.kernels.tile_order import tile_order
 from dit_accel.pipelines.tiny import make_tiny_pipeline, tiny_inputs
-from helpers import attention_call, check_estimate64, pipeline_output
+from helpers import attention_call, check_estimate64, pipeline_output, tile_of
 
 import dit_accel
 import dit_accel.methods.sparse as sparse_methods
@@ -22,22 +22,15 @@ def _scores(q, k):
     return q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
 
 
-def _tile_of(order):
-    """Each model-order token's tile."""
-    tile_of = torch.empty(S, dtype=torch.long)
-    tile_of[order.index.long()] = torch.arange(order.tile_len.numel() * 128) // 128
-    return tile_of
-
-
-def _gaps64(s, ref, tile_of, n):
+def _gaps64(s, ref, tiles, n):
     """[B, H, n, n] float64: per (query tile, key tile) the largest over the query tile's rows of
     log2(largest weight in the key tile) - ref / ln 2, at most 0, by loops."""
     B, H = s.shape[:2]
     out = torch.empty(B, H, n, n, dtype=torch.float64)
     for qt in range(n):
-        rows = (tile_of == qt).nonzero().flatten()
+        rows = (tiles == qt).nonzero().flatten()
         for kt in range(n):
-            cols = (tile_of == kt).nonzero().flatten()
+            cols = (tiles == kt).nonzero().flatten()
             best = s[:, :, rows][:, :, :, cols].amax(-1) - ref[:, :, rows]  # [B, H, rows]
             out[:, :, qt, kt] = (best / math.log(2)).clamp(max=0).amax(-1)
     return out
@@ -70,9 +63,8 @@ def test_estimate_against_float64(correct, split):
     inputs = [tuple(torch.randn(2, 2, S, 32, generator=g) for _ in range(3)) for _ in range(7)]
     order = tile_order(GRID, TILE3)
     n = order.tile_len.numel()
-    tile_of = _tile_of(order)
     ref = torch.logsumexp(_scores(*inputs[0][:2]), -1)
-    gaps = _gaps64(_scores(*inputs[1][:2]), ref, tile_of, n)
+    gaps = _gaps64(_scores(*inputs[1][:2]), ref, tile_of(order), n)
     threshold = -10.0
     if split:  # between the middle two of the rows' second-largest other gaps: half the rows keep 2, half 1
         second = gaps.masked_fill(torch.eye(n, dtype=torch.bool), float("-inf")).sort(-1, descending=True).values
@@ -98,7 +90,7 @@ def test_without_an_earlier_pass_the_choice_uses_the_steps_own_lse():
     order = tile_order(GRID, TILE3)
     n = order.tile_len.numel()
     s = _scores(q, k)
-    kept = _choice64(_gaps64(s, torch.logsumexp(s, -1), _tile_of(order), n), -10.0, 1, 1)
+    kept = _choice64(_gaps64(s, torch.logsumexp(s, -1), tile_of(order), n), -10.0, 1, 1)
     method = dit_accel.TemporalSparse(tile=TILE3, full_steps=(0,), full_every=0, max_density=0.1, correct=0.0)
     state = {}
     out = method(q, k, v, None, attention_call(GRID, step=0, state=state))
