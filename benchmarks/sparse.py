@@ -86,6 +86,11 @@ TMA_CAP_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, 
 # warp specialization (a producer warp group issuing the loads) with the register cap, with and without TMA
 WS_CAP_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128)] + [
     dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, tma=t, warp_specialize=True) for t in (False, True)]
+# the softmax shifted by a given per-row LSE (max_ref: no running row max, no rescaling; here the
+# LSE of a dense pass over the same inputs, as a method's earlier full pass gives it) against the
+# default running max, with plain and TMA loads
+MAX_REF_CONFIGS = [dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128)] + [
+    dict(sub_n=64, num_warps=8, num_stages=2, max_registers=128, tma=t, max_ref=True) for t in (False, True)]
 TMA_CONFIGS = [dict(sub_n=n, num_warps=8, num_stages=st, tma=tma, warp_specialize=ws, max_registers=0)
                for n, st, tma, ws in itertools.product((64, 128), (2, 3, 4), (False, True), (False, True))]
 
@@ -178,6 +183,11 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
     def timed(fn) -> tuple[float, float]:
         return _timed_against_dense(fn, q, k, v, iters)
 
+    shift = None
+    if any((c or {}).get("max_ref") for c in configs):  # the LSE an earlier full pass would give
+        n = math.ceil(seq / TILE)
+        full = tiles_to_blocks(torch.ones(1, 1, n, n, dtype=torch.bool))
+        shift = block_sparse_attention_triton(q, k, v, *(t.cuda() for t in full), return_lse=True)[1]
     dense_ms = _dense_ms(q, k, v, iters)
     rows = [dict(shape=name, seq=seq, density=1.0, method="cudnn-sdpa dense (baseline)", ms=round(dense_ms, 3),
                  ratio=1.0)]
@@ -210,6 +220,8 @@ def bench_shape(name: str, grid, text: int, heads: int, dim: int, densities, ite
 
             def ours(config=config):
                 knobs = dict(config or {})
+                if knobs.pop("max_ref", False):
+                    knobs["max_ref"] = shift
                 block_m = knobs.get("block_m", TILE)  # smaller query tiles repeat their 128-row tile's list
                 split, rows = TILE // block_m, math.ceil(seq / block_m)
                 b, c = (blocks, counts) if split == 1 else (blocks.repeat_interleave(split, 2)[:, :, :rows],
@@ -660,7 +672,8 @@ def main(argv=None) -> None:
                          "warp-specialization knobs, 'split' adds 64-query CTAs of 4 warps, 'occupancy' tries "
                          "two CTAs per SM (registers capped, small key steps), 'head64' the head_dim-64 knobs, "
                          "'tma-cap' the default with and without TMA loads, 'ws-cap' the default against "
-                         "warp specialization under the register cap")
+                         "warp specialization under the register cap, 'max-ref' the default against the softmax "
+                         "shifted by a dense pass's LSE (max_ref)")
     ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     ap.add_argument("--name", default="sparse", help="result file name prefix (NAME-<device>-<date>.json)")
     args = ap.parse_args(argv)
@@ -683,7 +696,7 @@ def main(argv=None) -> None:
     swept = set() if kind == "default" else ({only} if only else set(SHAPES))
     sweeps = {"sweep": CONFIGS, "tma": TMA_CONFIGS, "split": CONFIGS + SPLIT_CONFIGS, "occupancy": OCCUPANCY_CONFIGS,
               "head64": HEAD64_CONFIGS, "tma-cap": TMA_CAP_CONFIGS,
-              "ws-cap": WS_CAP_CONFIGS}
+              "ws-cap": WS_CAP_CONFIGS, "max-ref": MAX_REF_CONFIGS}
     if (kind not in sweeps and kind != "default") or not swept <= set(SHAPES):
         ap.error(f"--configs: expected one of {', '.join(sweeps)} (optionally ':SHAPE'), or 'default'; got "
                  f"{args.configs!r}")

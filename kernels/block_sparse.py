@@ -28,6 +28,14 @@ Two options serve the sparse methods:
   ranks tiles by weight; the running max ranks the earliest visited first wherever rows attend
   broadly (many tiles then raise some row's running max and saturate at 0: 57% on the reference
   model, benchmarks/gap_ranks.py).
+- ``max_ref``: a per-row shift (natural log, tiled order), e.g. the LSE of an earlier pass over the
+  same rows. The softmax subtracts it in place of the running row maximum, so the key loop keeps
+  no maximum and never rescales its accumulator (the online softmax's per-step row max, its
+  correction factor and the multiplication of the whole accumulator by it are gone). The result
+  does not depend on the shift as long as the weights neither overflow nor underflow: a query
+  tile with a row whose sum against the shift falls outside ``[2**-64, 2**64]`` (a stale or
+  non-finite shift) is recomputed with the running maximum inside the same call. bfloat16 and
+  float32 only (float16 weights would overflow above 65504).
 """
 
 from __future__ import annotations
@@ -126,14 +134,18 @@ def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, block_m: 
                                      scale: float | None = None, return_lse: bool = False,
                                      tile_len: torch.Tensor | None = None, return_gap: bool = False,
                                      seq_index: torch.Tensor | None = None, lse_drop: tuple | None = None,
-                                     gap_ref: torch.Tensor | None = None, **_launch):
+                                     gap_ref: torch.Tensor | None = None, max_ref: torch.Tensor | None = None,
+                                     **_launch):
     """PyTorch twin of :func:`block_sparse_attention` (fp32 math through an explicit mask).
 
-    Launch knobs of the kernel (``sub_n``, ``num_warps``, ``num_stages``) are accepted and ignored.
+    Launch knobs of the kernel (``sub_n``, ``num_warps``, ``num_stages``) are accepted and ignored, and
+    so is ``max_ref`` once checked: the softmax does not depend on its shift (the twin subtracts each
+    row's maximum, the kernel the given one, or the running maximum where that one does not fit).
     """
     S_q, _ = _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len, seq_index)
     _check_lse_drop(lse_drop, q.shape[0], q.shape[1], S_q)
     _check_gap_ref(gap_ref, return_gap, q.shape[0], q.shape[1], S_q)
+    _check_max_ref(max_ref, q, return_gap, gap_ref, S_q)
     if lse_drop is not None:
         res = block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                                scale=scale, return_lse=True, tile_len=tile_len,
@@ -211,6 +223,21 @@ def _check_gap_ref(gap_ref, return_gap: bool, B: int, H: int, S_q: int) -> None:
                          f"{gap_ref.dtype} {tuple(gap_ref.shape)}")
 
 
+def _check_max_ref(max_ref, q, return_gap: bool, gap_ref, S_q: int) -> None:
+    if max_ref is None:
+        return
+    B, H = q.shape[:2]
+    if max_ref.shape != (B, H, S_q) or max_ref.dtype != torch.float32:
+        raise ValueError(f"max_ref: expected a float32 [{B}, {H}, {S_q}] shift per row (natural log, tiled order, "
+                         f"e.g. the LSE of an earlier pass), got {max_ref.dtype} {tuple(max_ref.shape)}")
+    if q.dtype == torch.float16:
+        raise ValueError("max_ref: needs bfloat16 or float32 inputs; float16 weights against a shift other than the "
+                         "row maximum can overflow (above 65504) or lose precision; drop max_ref for float16")
+    if return_gap and gap_ref is None:
+        raise ValueError("max_ref: with return_gap there is no running maximum to measure gaps against; pass "
+                         "gap_ref too (e.g. the same LSE)")
+
+
 def _check_lse_drop(lse_drop, B: int, H: int, S_q: int) -> None:
     if lse_drop is None:
         return
@@ -258,60 +285,25 @@ def _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len=None, seq_i
 if triton is not None:
 
     @triton.jit
-    def _block_sparse_fwd(
-        Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, Index, DescQ, DescK, DescV, PrevLse, DropSum, GapRef,
-        sm_scale,
-        sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-        sbb, sbh, sbm, scb, sch, sgm,
-        H, N_Q, S_Q, S_K, HEAD_D,
+    def _key_loop(
+        q, m_i, K, V, Gap, Blocks, TileLen, Index, DescK, DescV, gap_row, gap_base, row_live, d_ok, offs_d,
+        count, qk_scale, b, h, skb, skh, sks, svb, svh, svs, k_row0, k_col, v_row0, v_col, S_K,
         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
-        RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
-        EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr, GAP_REF: tl.constexpr,
+        RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr, EVEN_D: tl.constexpr,
+        HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, GAP_PARTS: tl.constexpr,
+        PTX_STORE: tl.constexpr, GAP_REF: tl.constexpr, FIXED: tl.constexpr,
     ):
+        """The key loop of one CTA: (acc, l_i, m_i) over the listed key tiles. ``m_i`` is the rows'
+        starting maximum (exp2 domain); with ``FIXED`` it stays the softmax's shift throughout (no
+        running maximum, no rescaling), else it is the running maximum, from -inf."""
         R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D_PAD)
-        row_ok = offs_m < S_Q
-        d_ok = offs_d < HEAD_D
-        q_pos = offs_m
-        if HAS_INDEX:  # tiled slot -> model position: no gather / scatter copies
-            q_pos = tl.load(Index + offs_m, mask=row_ok, other=0)
-        if USE_TMA:  # tensor-memory-accelerator loads: rows of one (batch, head) at a constant stride
-            q_base = b * sqb + h * sqh
-            q = DescQ.load([q_base // sqs + pid_m * BLOCK_M, q_base % sqs])
-            k_base = b * skb + h * skh
-            k_row0 = k_base // sks
-            k_col = k_base % sks
-            v_base = b * svb + h * svh
-            v_row0 = v_base // svs
-            v_col = v_base % svs
-        else:
-            q = tl.load(Q + b * sqb + h * sqh + q_pos[:, None] * sqs + offs_d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
-        count = tl.load(Counts + b * scb + h * sch + pid_m)
-        block_row = Blocks + b * sbb + h * sbh + pid_m * sbm
-        row_live = row_ok
-        if HAS_LEN:
-            row_live = row_ok & (offs_m < pid_m * BLOCK_M + tl.load(TileLen + pid_m))
         if RETURN_GAP:
-            gap_row = Gap + (pid_bh * N_Q + pid_m) * sgm
             tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            if GAP_REF:  # the rows' reference in the exp2 domain
-                gap_base = tl.load(GapRef + pid_bh * S_Q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
         for i in tl.range(0, count * R, warp_specialize=WARP_SPEC):
             # layout tiles of BLOCK_N keys are visited as R sub-tiles of SUB_N
-            kb = tl.load(block_row + i // R)
+            kb = tl.load(Blocks + i // R)
             start_n = kb * BLOCK_N + (i % R) * SUB_N
             k_end = S_K
             if HAS_LEN:
@@ -337,27 +329,35 @@ if triton is not None:
             if start_n + SUB_N > k_end:  # only a ragged or padded tile
                 qk = tl.where(col_ok[None, :], qk, float("-inf"))
             # the softmax scale is folded into the exponent (one FMA per score, as in Triton's tutorial)
-            qk_max = tl.max(qk, 1) * qk_scale
-            m_new = tl.maximum(m_i, qk_max)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            if FIXED:  # the given shift: no row maximum, no rescaling of l_i and acc
+                p = tl.math.exp2(qk * qk_scale - m_i[:, None])
+                l_i += tl.sum(p, 1)
+            else:
+                qk_max = tl.max(qk, 1) * qk_scale
+                m_new = tl.maximum(m_i, qk_max)
+                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
             if USE_TMA:  # p is 0 on masked rows
                 vv = DescV.load([v_row0 + start_n, v_col])
             else:
                 vv = tl.load(V + b * svb + h * svh + k_pos[:, None] * svs + offs_d[None, :], mask=v_mask, other=0.0)
             if DOT_F32:
                 vv = vv.to(tl.float32)
-            acc = acc * alpha[:, None]
+            if not FIXED:
+                acc = acc * alpha[:, None]
             acc = tl.dot(p.to(vv.dtype), vv, acc)
-            m_i = m_new
+            if not FIXED:
+                m_i = m_new
             if RETURN_GAP:
+                if FIXED:  # (the wrapper asks for gap_ref with a fixed shift)
+                    qk_max = tl.max(qk, 1) * qk_scale
                 tile_rm = tl.maximum(tile_rm, qk_max)
                 if i % R == R - 1:  # layout tile finished: its gap against the running max (or gap_ref)
                     if GAP_REF:
                         g = tl.minimum(tile_rm - gap_base, 0.0)
                     else:
-                        g = tile_rm - m_new
+                        g = tile_rm - m_i
                     g = tl.where(row_live & (tile_rm > float("-inf")), g, float("-inf"))
                     # the max over each of GAP_PARTS groups of ROWS consecutive rows (16 at BLOCK_M
                     # 128: rows one warp holds in the MMA layout, so no cross-warp exchange and no
@@ -380,6 +380,85 @@ if triton is not None:
                             "=r,r,r,r,l", [gp, i // R + 0 * lrow, first.to(tl.int32), gap_row.to(tl.int64)],
                             dtype=tl.int32, is_pure=False, pack=1)
                     tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _block_sparse_fwd(
+        Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, Index, DescQ, DescK, DescV, PrevLse, DropSum, GapRef,
+        MaxRef, sm_scale,
+        sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
+        sbb, sbh, sbm, scb, sch, sgm,
+        H, N_Q, S_Q, S_K, HEAD_D,
+        D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
+        RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
+        EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+        GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr, GAP_REF: tl.constexpr,
+        MAX_REF: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        row_ok = offs_m < S_Q
+        d_ok = offs_d < HEAD_D
+        q_pos = offs_m
+        if HAS_INDEX:  # tiled slot -> model position: no gather / scatter copies
+            q_pos = tl.load(Index + offs_m, mask=row_ok, other=0)
+        k_row0 = 0
+        k_col = 0
+        v_row0 = 0
+        v_col = 0
+        if USE_TMA:  # tensor-memory-accelerator loads: rows of one (batch, head) at a constant stride
+            q_base = b * sqb + h * sqh
+            q = DescQ.load([q_base // sqs + pid_m * BLOCK_M, q_base % sqs])
+            k_base = b * skb + h * skh
+            k_row0 = k_base // sks
+            k_col = k_base % sks
+            v_base = b * svb + h * svh
+            v_row0 = v_base // svs
+            v_col = v_base % svs
+        else:
+            q = tl.load(Q + b * sqb + h * sqh + q_pos[:, None] * sqs + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
+        count = tl.load(Counts + b * scb + h * sch + pid_m)
+        block_row = Blocks + b * sbb + h * sbh + pid_m * sbm
+        row_live = row_ok
+        if HAS_LEN:
+            row_live = row_ok & (offs_m < pid_m * BLOCK_M + tl.load(TileLen + pid_m))
+        gap_row = Gap
+        gap_base = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if RETURN_GAP:
+            gap_row = Gap + (pid_bh * N_Q + pid_m) * sgm
+            if GAP_REF:  # the rows' reference in the exp2 domain
+                gap_base = tl.load(GapRef + pid_bh * S_Q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+        if MAX_REF:  # the given shift, exp2 domain
+            m_i = tl.load(MaxRef + pid_bh * S_Q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        acc, l_i, m_i = _key_loop(
+            q, m_i, K, V, Gap, block_row, TileLen, Index, DescK, DescV, gap_row, gap_base, row_live, d_ok, offs_d,
+            count, qk_scale, b, h, skb, skh, sks, svb, svh, svs, k_row0, k_col, v_row0, v_col, S_K,
+            D_PAD, BLOCK_M, BLOCK_N, SUB_N, RETURN_GAP, HAS_LEN, DOT_F32, EVEN_D, HAS_INDEX, USE_TMA, WARP_SPEC,
+            GAP_PARTS, PTX_STORE, GAP_REF, MAX_REF)
+        if MAX_REF:
+            # Against the given shift a row's sum must lie in [2**-64, 2**64]: then no weight overflows
+            # and every weight within 2**-40 of the row's largest is a normal number (and NaN, from a
+            # non-finite shift, fails the test). A CTA with a row outside (padding rows of a tile
+            # included: they are written without seq_index) is redone with the running maximum (a
+            # branch taken by the whole CTA; its gaps are the same values again).
+            bad = row_ok & ~((l_i >= 5.421010862427522e-20) & (l_i <= 1.8446744073709552e19))
+            if tl.max(bad.to(tl.int32), 0) > 0:
+                acc, l_i, m_i = _key_loop(
+                    q, tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), K, V, Gap, block_row, TileLen, Index,
+                    DescK, DescV, gap_row, gap_base, row_live, d_ok, offs_d, count, qk_scale, b, h, skb, skh, sks,
+                    svb, svh, svs, k_row0, k_col, v_row0, v_col, S_K,
+                    D_PAD, BLOCK_M, BLOCK_N, SUB_N, RETURN_GAP, HAS_LEN, DOT_F32, EVEN_D, HAS_INDEX, USE_TMA,
+                    WARP_SPEC, GAP_PARTS, PTX_STORE, GAP_REF, False)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         out_ok = row_ok
@@ -405,7 +484,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
                                   tma: bool | None = None, warp_specialize: bool | None = None,
                                   max_registers: int | None = None, lse_drop: tuple | None = None,
-                                  gap_ref: torch.Tensor | None = None):
+                                  gap_ref: torch.Tensor | None = None, max_ref: torch.Tensor | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, chosen
@@ -425,6 +504,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     S_q, S_k = _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len, seq_index)
     _check_lse_drop(lse_drop, q.shape[0], q.shape[1], S_q)
     _check_gap_ref(gap_ref, return_gap, q.shape[0], q.shape[1], S_q)
+    _check_max_ref(max_ref, q, return_gap, gap_ref, S_q)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, _, D = q.shape
@@ -461,7 +541,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     _block_sparse_fwd[grid](
         q, k, v, out, lse, gap, blocks, counts, lens, index, *(descs or (q, k, v)),
         *(lse_drop if lse_drop is not None else (lse, lse)), gap_ref.contiguous() if gap_ref is not None else lse,
-        scale,
+        max_ref.contiguous() if max_ref is not None else lse, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *sb, *sc, blocks.shape[-1], H, n_q, S_q, S_k, D,
@@ -469,7 +549,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
         WARP_SPEC=bool(knobs["warp_specialize"]), GAP_PARTS=parts, PTX_STORE=q.is_cuda,
-        LSE_DROP=lse_drop is not None, GAP_REF=gap_ref is not None,
+        LSE_DROP=lse_drop is not None, GAP_REF=gap_ref is not None, MAX_REF=max_ref is not None,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
@@ -555,7 +635,7 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
                            scale: float | None = None, return_lse: bool = False,
                            tile_len: torch.Tensor | None = None, return_gap: bool = False,
                            seq_index: torch.Tensor | None = None, lse_drop: tuple | None = None,
-                           gap_ref: torch.Tensor | None = None, **launch):
+                           gap_ref: torch.Tensor | None = None, max_ref: torch.Tensor | None = None, **launch):
     """Block-sparse attention: the Triton kernel where it can run, else the reference twin (logged once).
 
     Args:
@@ -576,6 +656,9 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
             neither the LSE output nor another pass.
         gap_ref: float32 ``[B, H, S]`` log-sum-exp per row in tiled order (with ``return_gap``): measure
             the gap against it instead of the running row max (see the module docstring).
+        max_ref: float32 ``[B, H, S]`` per-row shift in tiled order, natural log (e.g. the LSE of an
+            earlier pass; bfloat16 / float32 inputs): the softmax subtracts it instead of the running
+            row maximum, so the key loop keeps no maximum and never rescales (see the module docstring).
         launch: ``sub_n``, ``num_warps``, ``num_stages`` for the kernel.
 
     Returns ``out``, or a tuple ``(out, lse?, gap?)`` with the requested extras in that order.
@@ -584,7 +667,7 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
         return block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                              scale=scale, return_lse=return_lse, tile_len=tile_len,
                                              return_gap=return_gap, seq_index=seq_index, lse_drop=lse_drop,
-                                             gap_ref=gap_ref, **launch)
+                                             gap_ref=gap_ref, max_ref=max_ref, **launch)
     key = q.device.type
     if key not in _warned:
         _warned.add(key)
@@ -593,4 +676,4 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
     return block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                             scale=scale, return_lse=return_lse, tile_len=tile_len,
                                             return_gap=return_gap, seq_index=seq_index, lse_drop=lse_drop,
-                                            gap_ref=gap_ref)
+                                            gap_ref=gap_ref, max_ref=max_ref)

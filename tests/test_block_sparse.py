@@ -380,3 +380,67 @@ def test_lse_drop_sums_the_decrease_against_an_earlier_pass():
     with pytest.raises(ValueError, match="lse_drop"):
         bs.block_sparse_attention_reference(q, k, v, blocks, counts, block_m=tile, block_n=tile,
                                             lse_drop=(prev, torch.zeros(1)))
+
+
+@pytest.mark.parametrize(("S", "D", "dtype", "padded"), [(300, 64, torch.bfloat16, False),
+                                                         (150, 128, torch.float32, True)])
+def test_fixed_shift_equals_the_online_softmax(S, D, dtype, padded):
+    """``max_ref`` (the softmax's shift given per row instead of the running row max): kernel and
+    reference against float64 with shifts off the rows' LSE by up to 20 either way, and rows whose
+    shift does not fit (+-inf, NaN, 200 off: their query tiles are redone with the running max);
+    the gap and LSE-drop outputs are those of the call without it."""
+    tile = 32 if padded else 128
+    if padded:
+        seed, (q, k, v), tile_len, tile_mask, valid = _padded_case(S, D, dtype, tile)
+    else:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        q, k, v = _inputs(2, 2, S, D, dtype, seed)
+        n = math.ceil(S / tile)
+        tile_mask = torch.rand(2, 2, n, n, generator=torch.Generator().manual_seed(seed + 1)) < 0.6
+        tile_mask = bs.add_dense_ranges(tile_mask, [(S - 10, S)], S, tile)
+        tile_mask[1, 0, 0] = False  # an empty query tile: output 0, LSE -inf
+        tile_len, valid = None, torch.ones(S, dtype=torch.bool)
+    g = torch.Generator().manual_seed(seed + 2)
+    blocks, counts = bs.tiles_to_blocks(tile_mask)
+    s64 = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)
+    ones = torch.ones(tile, tile, dtype=torch.float64)
+    mask = torch.stack([torch.stack([torch.kron(tile_mask[b, h].double(), ones)[:S, :S] > 0 for h in range(2)])
+                        for b in range(2)]) & valid
+    s64 = s64.masked_fill(~mask, float("-inf"))
+    exact_lse = torch.logsumexp(s64, -1)
+    exact = torch.softmax(s64, -1).nan_to_num(0.0) @ v.double()
+    shift = (exact_lse + 40 * torch.rand(exact_lse.shape, generator=g, dtype=torch.float64) - 20).float()
+    shift[~exact_lse.isfinite()] = 0.0
+    shift[0, 0, 3], shift[0, 1, 40], shift[1, 1, 70] = float("inf"), float("-inf"), float("nan")
+    shift[1, 0, S - 1] += 200.0
+    shift[0, 1, S - 2] -= 200.0
+    kw = dict(block_m=tile, block_n=tile, tile_len=tile_len, return_lse=True)
+    if padded:
+        kw.update(return_gap=True, gap_ref=exact_lse.float())
+    prev = (exact_lse + 1).float()
+    eps = 2**-8 if dtype == torch.bfloat16 else 2**-20
+    rows = valid[None, None, :, None]
+    scale = exact.abs().amax().item()
+    for name, fn in (("kernel", bs.block_sparse_attention_triton),
+                     ("reference", bs.block_sparse_attention_reference)):
+        plain_total = torch.zeros(1, dtype=torch.float64)
+        plain = fn(q, k, v, blocks, counts, lse_drop=(prev, plain_total), **kw)
+        total = torch.zeros(1, dtype=torch.float64)
+        out, lse, *gap = fn(q, k, v, blocks, counts, max_ref=shift, lse_drop=(prev, total), **kw)
+        err = ((out.double() - exact) * rows).abs().amax().item() / scale
+        assert err <= 4 * eps, f"{name}: relative error {err:.2e} (seed {seed})"
+        live = exact_lse.isfinite() & valid
+        assert torch.equal(lse.isfinite() & valid, live), f"{name}: -inf rows differ (seed {seed})"
+        assert (lse.double() - exact_lse)[live].abs().max() <= 1e-3, f"{name}: LSE off (seed {seed})"
+        assert abs(total.item() - plain_total.item()) <= 1e-3 * S * 4, name
+        if padded:
+            assert torch.equal(gap[0], plain[2]), f"{name}: gaps differ (seed {seed})"
+    for bad, match in ((shift.double(), "max_ref: expected a float32"), (shift[:, :1], "max_ref: expected")):
+        with pytest.raises(ValueError, match=match):
+            bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=tile, block_n=tile, max_ref=bad)
+    with pytest.raises(ValueError, match="max_ref: needs bfloat16"):
+        bs.block_sparse_attention_reference(q.half(), k.half(), v.half(), blocks, counts, block_m=tile, block_n=tile,
+                                            max_ref=shift)
+    with pytest.raises(ValueError, match="pass gap_ref too"):
+        bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=tile, block_n=tile, tile_len=tile_len,
+                                         return_gap=True, max_ref=shift)
