@@ -494,7 +494,8 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
     16-byte-aligned stride), pointer loads otherwise; ``warp_specialize`` asks Triton to
     warp-specialize the key loop (in the H100 and H200 sweeps, ``benchmarks/results/sparse-*.json``,
-    neither of these two helped the layouts the methods use, so both are off by default);
+    neither of these two helped the layouts the methods use, so both are off by default, except TMA
+    with ``max_ref`` on Hopper, where it is faster);
     ``max_registers`` caps the registers per thread (Triton's ``maxnreg``, 0 for no cap; the
     default, 128 on Hopper up to head_dim 128, lets two 8-warp CTAs share an SM; GPU only, ignored
     by the CPU interpreter).
@@ -512,8 +513,8 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
     capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-    knobs = _launch_knobs(D, capability, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages, tma=tma,
-                          warp_specialize=warp_specialize, max_registers=max_registers)
+    knobs = _launch_knobs(D, capability, shifted=max_ref is not None, sub_n=sub_n, num_warps=num_warps,
+                          num_stages=num_stages, tma=tma, warp_specialize=warp_specialize, max_registers=max_registers)
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
@@ -533,7 +534,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     descs = None
     if knobs["tma"]:
         descs = _descriptors((q, k, v), (block_m, sub_n, sub_n)) if seq_index is None and even_d else None
-        if descs is None and "tma" not in _warned:
+        if descs is None and tma and "tma" not in _warned:  # asked for, not the max_ref default
             _warned.add("tma")
             logger.info("block_sparse_attention: tma=True but these inputs do not fit tensor descriptors (seq_index, "
                         "a head_dim that is not a power of two, or unaligned strides); using pointer loads")
@@ -577,14 +578,23 @@ GAP_PARTS = 8
 # alone needs 128 registers per thread, so the cap is off there; it is also off by default on GPUs
 # other than Hopper (compute capability 9.x), where it was measured: an A100 SM's 164 KiB of shared
 # memory holds one such CTA, not two, so the cap would only cost spills.
+# With max_ref the loop keeps no running maximum and never rescales; then TMA loads (where q, k, v
+# fit descriptors: no seq_index) beat pointer loads, which they did not with the running max. At
+# the Wan 480p shape on the H200 (sparse-max-ref-NVIDIA-H200-2026-12-01.json, medians of 5, ratio
+# to cuDNN at density 1 / 0.25 / 0.1): max_ref with TMA 0.986x / 3.81x / 7.96x, max_ref with
+# pointer loads 0.897x / 3.416x / 7.269x, neither (the default) 0.908x / 3.418x / 7.574x.
 LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
                    "max_registers": 128}
 
 
-def _launch_knobs(head_dim: int, capability: tuple[int, int] | None = (9, 0), **given) -> dict:
+def _launch_knobs(head_dim: int, capability: tuple[int, int] | None = (9, 0), shifted: bool = False,
+                  **given) -> dict:
     """The launch knobs for ``head_dim`` on a GPU of this compute capability (``None``: the CPU
-    interpreter), :data:`LAUNCH_DEFAULTS` adjusted, then the ``given`` ones that are not ``None``."""
+    interpreter), with or without a given softmax shift (``max_ref``), :data:`LAUNCH_DEFAULTS`
+    adjusted, then the ``given`` ones that are not ``None``."""
     knobs = dict(LAUNCH_DEFAULTS)
+    if shifted and capability is not None and capability[0] == 9:
+        knobs.update(tma=True)  # TMA loads pay off once the loop keeps no row max (see above)
     if head_dim <= 64:
         knobs.update(sub_n=128)
     elif head_dim > 128:

@@ -327,6 +327,15 @@ def test_register_cap_only_where_two_ctas_fit():
         assert bs._launch_knobs(128, capability, max_registers=96)["max_registers"] == 96
 
 
+def test_tma_by_default_only_with_a_given_shift_on_hopper():
+    assert not bs._launch_knobs(128, (9, 0))["tma"]
+    assert bs._launch_knobs(128, (9, 0), shifted=True)["tma"]
+    assert bs._launch_knobs(64, (9, 0), shifted=True)["tma"]
+    assert not bs._launch_knobs(128, (8, 0), shifted=True)["tma"]  # measured on Hopper only
+    assert not bs._launch_knobs(128, None, shifted=True)["tma"]  # the CPU interpreter
+    assert not bs._launch_knobs(128, (9, 0), shifted=True, tma=False)["tma"]  # an explicit knob wins
+
+
 def test_seq_index_without_tile_len_must_be_a_permutation():
     q, k, v = _inputs(1, 1, 64, 64, torch.float32, 0)
     blocks, counts = bs.tiles_to_blocks(torch.ones(1, 1, 3, 3, dtype=torch.bool))
