@@ -28,14 +28,14 @@ Two options serve the sparse methods:
   ranks tiles by weight; the running max ranks the earliest visited first wherever rows attend
   broadly (many tiles then raise some row's running max and saturate at 0: 57% on the reference
   model, benchmarks/gap_ranks.py).
-- ``max_ref``: a per-row shift (natural log, tiled order), e.g. the LSE of an earlier pass over the
-  same rows. The softmax subtracts it in place of the running row maximum, so the key loop keeps
-  no maximum and never rescales its accumulator (the online softmax's per-step row max, its
-  correction factor and the multiplication of the whole accumulator by it are gone). The result
-  does not depend on the shift as long as the weights neither overflow nor underflow: a query
-  tile with a row whose sum against the shift falls outside ``[2**-64, 2**64]`` (a stale or
-  non-finite shift) is recomputed with the running maximum inside the same call. bfloat16 and
-  float32 only (float16 weights would overflow above 65504).
+Where q, k, v fit tensor descriptors (no ``seq_index``) on Hopper, the kernel's default softmax
+uses a fixed shift instead of the online running maximum: each query row's largest score in the
+first listed key sub-tile. The key loop then keeps no row maximum and never rescales its
+accumulator, and with Hopper's TMA loads that is 11-13% faster at the Wan 480p shape (launch
+knob ``fixed_shift``; see LAUNCH_DEFAULTS). The result does not depend on the shift while no
+weight overflows: a query tile with a row whose sum against its shift leaves ``[1, 2**64]`` (a
+later tile scoring 44 nats above the first, ``2**15`` for float16) is recomputed with the running
+maximum inside the same call.
 """
 
 from __future__ import annotations
@@ -134,18 +134,16 @@ def block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, *, block_m: 
                                      scale: float | None = None, return_lse: bool = False,
                                      tile_len: torch.Tensor | None = None, return_gap: bool = False,
                                      seq_index: torch.Tensor | None = None, lse_drop: tuple | None = None,
-                                     gap_ref: torch.Tensor | None = None, max_ref: torch.Tensor | None = None,
-                                     **_launch):
+                                     gap_ref: torch.Tensor | None = None, **_launch):
     """PyTorch twin of :func:`block_sparse_attention` (fp32 math through an explicit mask).
 
-    Launch knobs of the kernel (``sub_n``, ``num_warps``, ``num_stages``) are accepted and ignored, and
-    so is ``max_ref`` once checked: the softmax does not depend on its shift (the twin subtracts each
-    row's maximum, the kernel the given one, or the running maximum where that one does not fit).
+    Launch knobs of the kernel (``sub_n``, ``num_warps``, ``num_stages``, ``fixed_shift``, ...) are
+    accepted and ignored: the softmax does not depend on its shift (the twin subtracts each row's
+    maximum).
     """
     S_q, _ = _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len, seq_index)
     _check_lse_drop(lse_drop, q.shape[0], q.shape[1], S_q)
     _check_gap_ref(gap_ref, return_gap, q.shape[0], q.shape[1], S_q)
-    _check_max_ref(max_ref, q, return_gap, gap_ref, S_q)
     if lse_drop is not None:
         res = block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                                scale=scale, return_lse=True, tile_len=tile_len,
@@ -223,21 +221,6 @@ def _check_gap_ref(gap_ref, return_gap: bool, B: int, H: int, S_q: int) -> None:
                          f"{gap_ref.dtype} {tuple(gap_ref.shape)}")
 
 
-def _check_max_ref(max_ref, q, return_gap: bool, gap_ref, S_q: int) -> None:
-    if max_ref is None:
-        return
-    B, H = q.shape[:2]
-    if max_ref.shape != (B, H, S_q) or max_ref.dtype != torch.float32:
-        raise ValueError(f"max_ref: expected a float32 [{B}, {H}, {S_q}] shift per row (natural log, tiled order, "
-                         f"e.g. the LSE of an earlier pass), got {max_ref.dtype} {tuple(max_ref.shape)}")
-    if q.dtype == torch.float16:
-        raise ValueError("max_ref: needs bfloat16 or float32 inputs; float16 weights against a shift other than the "
-                         "row maximum can overflow (above 65504) or lose precision; drop max_ref for float16")
-    if return_gap and gap_ref is None:
-        raise ValueError("max_ref: with return_gap there is no running maximum to measure gaps against; pass "
-                         "gap_ref too (e.g. the same LSE)")
-
-
 def _check_lse_drop(lse_drop, B: int, H: int, S_q: int) -> None:
     if lse_drop is None:
         return
@@ -285,6 +268,42 @@ def _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len=None, seq_i
 if triton is not None:
 
     @triton.jit
+    def _scores(
+        q, K, DescK, Blocks, TileLen, Index, i, d_ok, offs_d, b, h, skb, skh, sks, k_row0, k_col, S_K,
+        BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
+        EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr,
+    ):
+        """Sub-tile ``i`` of the key list: its raw scores q @ k^T (-inf on key slots past the
+        sequence or the tile's length), first key position, key positions and value-load mask."""
+        R: tl.constexpr = BLOCK_N // SUB_N  # sub-tiles per layout tile
+        kb = tl.load(Blocks + i // R)
+        start_n = kb * BLOCK_N + (i % R) * SUB_N
+        k_end = S_K
+        if HAS_LEN:
+            k_end = tl.minimum(S_K, kb * BLOCK_N + tl.load(TileLen + kb))
+        offs_n = start_n + tl.arange(0, SUB_N)
+        col_ok = offs_n < k_end
+        if EVEN_D:  # head_dim is a power of two: no head_dim mask, so the loads vectorize
+            k_mask = col_ok[None, :]
+            v_mask = col_ok[:, None]
+        else:
+            k_mask = col_ok[None, :] & d_ok[:, None]
+            v_mask = col_ok[:, None] & d_ok[None, :]
+        k_pos = offs_n
+        if HAS_INDEX:
+            k_pos = tl.load(Index + offs_n, mask=offs_n < S_K, other=0)
+        if USE_TMA:  # rows past the sequence hold other finite data or zeros; col_ok masks them
+            kt = tl.trans(DescK.load([k_row0 + start_n, k_col]))
+        else:
+            kt = tl.load(K + b * skb + h * skh + k_pos[None, :] * sks + offs_d[:, None], mask=k_mask, other=0.0)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
+        qk = tl.dot(q, kt)
+        if start_n + SUB_N > k_end:  # only a ragged or padded tile
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        return qk, start_n, k_pos, v_mask
+
+    @triton.jit
     def _key_loop(
         q, m_i, K, V, Gap, Blocks, TileLen, Index, DescK, DescV, gap_row, gap_base, row_live, d_ok, offs_d,
         count, qk_scale, b, h, skb, skh, sks, svb, svh, svs, k_row0, k_col, v_row0, v_col, S_K,
@@ -303,31 +322,9 @@ if triton is not None:
             tile_rm = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         for i in tl.range(0, count * R, warp_specialize=WARP_SPEC):
             # layout tiles of BLOCK_N keys are visited as R sub-tiles of SUB_N
-            kb = tl.load(Blocks + i // R)
-            start_n = kb * BLOCK_N + (i % R) * SUB_N
-            k_end = S_K
-            if HAS_LEN:
-                k_end = tl.minimum(S_K, kb * BLOCK_N + tl.load(TileLen + kb))
-            offs_n = start_n + tl.arange(0, SUB_N)
-            col_ok = offs_n < k_end
-            if EVEN_D:  # head_dim is a power of two: no head_dim mask, so the loads vectorize
-                k_mask = col_ok[None, :]
-                v_mask = col_ok[:, None]
-            else:
-                k_mask = col_ok[None, :] & d_ok[:, None]
-                v_mask = col_ok[:, None] & d_ok[None, :]
-            k_pos = offs_n
-            if HAS_INDEX:
-                k_pos = tl.load(Index + offs_n, mask=offs_n < S_K, other=0)
-            if USE_TMA:  # rows past the sequence hold other finite data or zeros; col_ok masks them
-                kt = tl.trans(DescK.load([k_row0 + start_n, k_col]))
-            else:
-                kt = tl.load(K + b * skb + h * skh + k_pos[None, :] * sks + offs_d[:, None], mask=k_mask, other=0.0)
-            if DOT_F32:
-                kt = kt.to(tl.float32)
-            qk = tl.dot(q, kt)
-            if start_n + SUB_N > k_end:  # only a ragged or padded tile
-                qk = tl.where(col_ok[None, :], qk, float("-inf"))
+            qk, start_n, k_pos, v_mask = _scores(
+                q, K, DescK, Blocks, TileLen, Index, i, d_ok, offs_d, b, h, skb, skh, sks, k_row0, k_col, S_K,
+                BLOCK_N, SUB_N, HAS_LEN, DOT_F32, EVEN_D, HAS_INDEX, USE_TMA)
             # the softmax scale is folded into the exponent (one FMA per score, as in Triton's tutorial)
             if FIXED:  # the given shift: no row maximum, no rescaling of l_i and acc
                 p = tl.math.exp2(qk * qk_scale - m_i[:, None])
@@ -385,7 +382,7 @@ if triton is not None:
     @triton.jit
     def _block_sparse_fwd(
         Q, K, V, Out, Lse, Gap, Blocks, Counts, TileLen, Index, DescQ, DescK, DescV, PrevLse, DropSum, GapRef,
-        MaxRef, sm_scale,
+        sm_scale,
         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
         sbb, sbh, sbm, scb, sch, sgm,
         H, N_Q, S_Q, S_K, HEAD_D,
@@ -393,7 +390,7 @@ if triton is not None:
         RETURN_LSE: tl.constexpr, RETURN_GAP: tl.constexpr, HAS_LEN: tl.constexpr, DOT_F32: tl.constexpr,
         EVEN_D: tl.constexpr, HAS_INDEX: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
         GAP_PARTS: tl.constexpr, PTX_STORE: tl.constexpr, LSE_DROP: tl.constexpr, GAP_REF: tl.constexpr,
-        MAX_REF: tl.constexpr,
+        SHIFT: tl.constexpr, SUM_HI: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -436,22 +433,26 @@ if triton is not None:
             gap_row = Gap + (pid_bh * N_Q + pid_m) * sgm
             if GAP_REF:  # the rows' reference in the exp2 domain
                 gap_base = tl.load(GapRef + pid_bh * S_Q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-        if MAX_REF:  # the given shift, exp2 domain
-            m_i = tl.load(MaxRef + pid_bh * S_Q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-        else:
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        if SHIFT:  # the fixed shift: each row's largest score in the first listed sub-tile, exp2 domain
+            if count > 0:
+                qk0, _, _, _ = _scores(
+                    q, K, DescK, block_row, TileLen, Index, 0, d_ok, offs_d, b, h, skb, skh, sks, k_row0, k_col,
+                    S_K, BLOCK_N, SUB_N, HAS_LEN, DOT_F32, EVEN_D, HAS_INDEX, USE_TMA)
+                m_i = tl.max(qk0, 1) * qk_scale
         acc, l_i, m_i = _key_loop(
             q, m_i, K, V, Gap, block_row, TileLen, Index, DescK, DescV, gap_row, gap_base, row_live, d_ok, offs_d,
             count, qk_scale, b, h, skb, skh, sks, svb, svh, svs, k_row0, k_col, v_row0, v_col, S_K,
             D_PAD, BLOCK_M, BLOCK_N, SUB_N, RETURN_GAP, HAS_LEN, DOT_F32, EVEN_D, HAS_INDEX, USE_TMA, WARP_SPEC,
-            GAP_PARTS, PTX_STORE, GAP_REF, MAX_REF)
-        if MAX_REF:
-            # Against the given shift a row's sum must lie in [2**-64, 2**64]: then no weight overflows
-            # and every weight within 2**-40 of the row's largest is a normal number (and NaN, from a
-            # non-finite shift, fails the test). A CTA with a row outside (padding rows of a tile
-            # included: they are written without seq_index) is redone with the running maximum (a
-            # branch taken by the whole CTA; its gaps are the same values again).
-            bad = row_ok & ~((l_i >= 5.421010862427522e-20) & (l_i <= 1.8446744073709552e19))
+            GAP_PARTS, PTX_STORE, GAP_REF, SHIFT)
+        if SHIFT:
+            # Against the shift a row's sum must lie in [1, SUM_HI]: at least the first sub-tile's
+            # largest weight, 1, and no weight above SUM_HI (2**64; 2**15 for float16 weights) so
+            # none overflows. A row with no valid key in the first sub-tile (shift -inf: NaN sums)
+            # fails too. A CTA with a row outside (padding rows of a tile included: they are written
+            # without seq_index) is redone with the running maximum (a branch taken by the whole
+            # CTA; its gaps are the same values again).
+            bad = row_ok & ~((l_i >= 1.0) & (l_i <= SUM_HI))
             if tl.max(bad.to(tl.int32), 0) > 0:
                 acc, l_i, m_i = _key_loop(
                     q, tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), K, V, Gap, block_row, TileLen, Index,
@@ -484,7 +485,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
                                   num_stages: int | None = None, seq_index: torch.Tensor | None = None,
                                   tma: bool | None = None, warp_specialize: bool | None = None,
                                   max_registers: int | None = None, lse_drop: tuple | None = None,
-                                  gap_ref: torch.Tensor | None = None, max_ref: torch.Tensor | None = None):
+                                  gap_ref: torch.Tensor | None = None, fixed_shift: bool | None = None):
     """The Triton kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Launch knobs (results do not depend on them; ``None`` takes :data:`LAUNCH_DEFAULTS`, chosen
@@ -494,8 +495,11 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     inputs allow it (no ``seq_index``, power-of-two head_dim, each (batch, head)'s rows at one
     16-byte-aligned stride), pointer loads otherwise; ``warp_specialize`` asks Triton to
     warp-specialize the key loop (in the H100 and H200 sweeps, ``benchmarks/results/sparse-*.json``,
-    neither of these two helped the layouts the methods use, so both are off by default, except TMA
-    with ``max_ref`` on Hopper, where it is faster);
+    neither helped with the online softmax, so both are off by default there);
+    ``fixed_shift`` shifts each row's softmax by its largest score in the first listed key sub-tile
+    instead of the running maximum (see the module docstring; by default on Hopper where the TMA
+    loads are taken, for bfloat16 inputs, and unless running-max gaps are asked for: there, with
+    TMA by default too, it is faster; float16 inputs redo query tiles more often);
     ``max_registers`` caps the registers per thread (Triton's ``maxnreg``, 0 for no cap; the
     default, 128 on Hopper up to head_dim 128, lets two 8-warp CTAs share an SM; GPU only, ignored
     by the CPU interpreter).
@@ -505,7 +509,9 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     S_q, S_k = _check(q, k, v, kv_blocks, kv_counts, block_m, block_n, tile_len, seq_index)
     _check_lse_drop(lse_drop, q.shape[0], q.shape[1], S_q)
     _check_gap_ref(gap_ref, return_gap, q.shape[0], q.shape[1], S_q)
-    _check_max_ref(max_ref, q, return_gap, gap_ref, S_q)
+    if fixed_shift and return_gap and gap_ref is None:
+        raise ValueError("fixed_shift: the running-max gaps (return_gap without gap_ref) need the running maximum; "
+                         "pass gap_ref or fixed_shift=False")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, _, D = q.shape
@@ -513,8 +519,10 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
     capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-    knobs = _launch_knobs(D, capability, shifted=max_ref is not None, sub_n=sub_n, num_warps=num_warps,
-                          num_stages=num_stages, tma=tma, warp_specialize=warp_specialize, max_registers=max_registers)
+    shift_ok = q.dtype != torch.float16 and not (return_gap and gap_ref is None)
+    knobs = _launch_knobs(D, capability, shift_ok=shift_ok, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages,
+                          tma=tma, warp_specialize=warp_specialize, max_registers=max_registers,
+                          fixed_shift=fixed_shift)
     sub_n = sub_n if sub_n is not None else min(knobs["sub_n"], block_n)
     if sub_n < 16 or block_n % sub_n or sub_n & (sub_n - 1):
         raise ValueError(f"sub_n: must be a power of two >= 16 dividing block_n={block_n}, got {sub_n}")
@@ -534,15 +542,17 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     descs = None
     if knobs["tma"]:
         descs = _descriptors((q, k, v), (block_m, sub_n, sub_n)) if seq_index is None and even_d else None
-        if descs is None and tma and "tma" not in _warned:  # asked for, not the max_ref default
+        if descs is None and tma and "tma" not in _warned:  # asked for, not the default
             _warned.add("tma")
             logger.info("block_sparse_attention: tma=True but these inputs do not fit tensor descriptors (seq_index, "
                         "a head_dim that is not a power of two, or unaligned strides); using pointer loads")
+    # by default the fixed shift goes with the TMA loads (with pointer loads it was no faster)
+    shift = bool(knobs["fixed_shift"]) and (descs is not None or fixed_shift is not None)
     grid = (n_q, B * H)
     _block_sparse_fwd[grid](
         q, k, v, out, lse, gap, blocks, counts, lens, index, *(descs or (q, k, v)),
         *(lse_drop if lse_drop is not None else (lse, lse)), gap_ref.contiguous() if gap_ref is not None else lse,
-        max_ref.contiguous() if max_ref is not None else lse, scale,
+        scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *sb, *sc, blocks.shape[-1], H, n_q, S_q, S_k, D,
@@ -550,7 +560,8 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         RETURN_LSE=return_lse, RETURN_GAP=return_gap, HAS_LEN=tile_len is not None,
         EVEN_D=even_d, HAS_INDEX=seq_index is not None, USE_TMA=descs is not None,
         WARP_SPEC=bool(knobs["warp_specialize"]), GAP_PARTS=parts, PTX_STORE=q.is_cuda,
-        LSE_DROP=lse_drop is not None, GAP_REF=gap_ref is not None, MAX_REF=max_ref is not None,
+        LSE_DROP=lse_drop is not None, GAP_REF=gap_ref is not None, SHIFT=shift,
+        SUM_HI=2.0**15 if q.dtype == torch.float16 else 2.0**64,
         # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly: there, the tiles are multiplied
         # in fp32 (loads, stores, indexing and the online softmax are the same code as on the GPU).
         DOT_F32=not q.is_cuda, num_warps=knobs["num_warps"], num_stages=knobs["num_stages"],
@@ -578,23 +589,26 @@ GAP_PARTS = 8
 # alone needs 128 registers per thread, so the cap is off there; it is also off by default on GPUs
 # other than Hopper (compute capability 9.x), where it was measured: an A100 SM's 164 KiB of shared
 # memory holds one such CTA, not two, so the cap would only cost spills.
-# With max_ref the loop keeps no running maximum and never rescales; then TMA loads (where q, k, v
-# fit descriptors: no seq_index) beat pointer loads, which they did not with the running max. At
-# the Wan 480p shape on the H200 (sparse-max-ref-NVIDIA-H200-2026-12-01.json, medians of 5, ratio
-# to cuDNN at density 1 / 0.25 / 0.1): max_ref with TMA 0.986x / 3.81x / 7.96x, max_ref with
-# pointer loads 0.897x / 3.416x / 7.269x, neither (the default) 0.908x / 3.418x / 7.574x.
+# The fixed softmax shift (first sub-tile's row max) and TMA loads go together by default on
+# Hopper: the loop then keeps no running maximum and never rescales, and TMA loads beat pointer
+# loads, which they did not with the online softmax (with pointer loads the shift gained nothing).
+# Measured with a given shift (the LSE of a dense pass) at the Wan 480p shape on the H200,
+# sparse-max-ref-NVIDIA-H200-2026-12-01.json, medians of 5, ratio to cuDNN at density 1 / 0.25 /
+# 0.1: shift with TMA 0.986x / 3.81x / 7.96x, with pointer loads 0.897x / 3.416x / 7.269x, the
+# online default 0.908x / 3.418x / 7.574x; then with the shift computed in the kernel (commit
+# FIXME).
 LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
-                   "max_registers": 128}
+                   "max_registers": 128, "fixed_shift": False}
 
 
-def _launch_knobs(head_dim: int, capability: tuple[int, int] | None = (9, 0), shifted: bool = False,
+def _launch_knobs(head_dim: int, capability: tuple[int, int] | None = (9, 0), shift_ok: bool = True,
                   **given) -> dict:
     """The launch knobs for ``head_dim`` on a GPU of this compute capability (``None``: the CPU
-    interpreter), with or without a given softmax shift (``max_ref``), :data:`LAUNCH_DEFAULTS`
-    adjusted, then the ``given`` ones that are not ``None``."""
+    interpreter), for a call that may (``shift_ok``) or may not take the fixed softmax shift,
+    :data:`LAUNCH_DEFAULTS` adjusted, then the ``given`` ones that are not ``None``."""
     knobs = dict(LAUNCH_DEFAULTS)
-    if shifted and capability is not None and capability[0] == 9:
-        knobs.update(tma=True)  # TMA loads pay off once the loop keeps no row max (see above)
+    if shift_ok and capability is not None and capability[0] == 9:
+        knobs.update(tma=True, fixed_shift=True)  # together, see above
     if head_dim <= 64:
         knobs.update(sub_n=128)
     elif head_dim > 128:
@@ -645,7 +659,7 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
                            scale: float | None = None, return_lse: bool = False,
                            tile_len: torch.Tensor | None = None, return_gap: bool = False,
                            seq_index: torch.Tensor | None = None, lse_drop: tuple | None = None,
-                           gap_ref: torch.Tensor | None = None, max_ref: torch.Tensor | None = None, **launch):
+                           gap_ref: torch.Tensor | None = None, **launch):
     """Block-sparse attention: the Triton kernel where it can run, else the reference twin (logged once).
 
     Args:
@@ -666,10 +680,8 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
             neither the LSE output nor another pass.
         gap_ref: float32 ``[B, H, S]`` log-sum-exp per row in tiled order (with ``return_gap``): measure
             the gap against it instead of the running row max (see the module docstring).
-        max_ref: float32 ``[B, H, S]`` per-row shift in tiled order, natural log (e.g. the LSE of an
-            earlier pass; bfloat16 / float32 inputs): the softmax subtracts it instead of the running
-            row maximum, so the key loop keeps no maximum and never rescales (see the module docstring).
-        launch: ``sub_n``, ``num_warps``, ``num_stages`` for the kernel.
+        launch: launch knobs of :func:`block_sparse_attention_triton` (``sub_n``, ``num_warps``,
+            ``num_stages``, ``tma``, ``fixed_shift``, ...).
 
     Returns ``out``, or a tuple ``(out, lse?, gap?)`` with the requested extras in that order.
     """
@@ -677,7 +689,7 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
         return block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                              scale=scale, return_lse=return_lse, tile_len=tile_len,
                                              return_gap=return_gap, seq_index=seq_index, lse_drop=lse_drop,
-                                             gap_ref=gap_ref, max_ref=max_ref, **launch)
+                                             gap_ref=gap_ref, **launch)
     key = q.device.type
     if key not in _warned:
         _warned.add(key)
@@ -686,4 +698,4 @@ def block_sparse_attention(q, k, v, kv_blocks, kv_counts, *, block_m: int = TILE
     return block_sparse_attention_reference(q, k, v, kv_blocks, kv_counts, block_m=block_m, block_n=block_n,
                                             scale=scale, return_lse=return_lse, tile_len=tile_len,
                                             return_gap=return_gap, seq_index=seq_index, lse_drop=lse_drop,
-                                            gap_ref=gap_ref, max_ref=max_ref)
+                                            gap_ref=gap_ref)

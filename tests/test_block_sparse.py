@@ -327,13 +327,14 @@ def test_register_cap_only_where_two_ctas_fit():
         assert bs._launch_knobs(128, capability, max_registers=96)["max_registers"] == 96
 
 
-def test_tma_by_default_only_with_a_given_shift_on_hopper():
-    assert not bs._launch_knobs(128, (9, 0))["tma"]
-    assert bs._launch_knobs(128, (9, 0), shifted=True)["tma"]
-    assert bs._launch_knobs(64, (9, 0), shifted=True)["tma"]
-    assert not bs._launch_knobs(128, (8, 0), shifted=True)["tma"]  # measured on Hopper only
-    assert not bs._launch_knobs(128, None, shifted=True)["tma"]  # the CPU interpreter
-    assert not bs._launch_knobs(128, (9, 0), shifted=True, tma=False)["tma"]  # an explicit knob wins
+def test_fixed_shift_and_tma_by_default_only_on_hopper():
+    for knob in ("tma", "fixed_shift"):
+        assert bs._launch_knobs(128, (9, 0))[knob]
+        assert bs._launch_knobs(64, (9, 0))[knob]
+        assert not bs._launch_knobs(128, (9, 0), shift_ok=False)[knob]  # float16, or running-max gaps
+        assert not bs._launch_knobs(128, (8, 0))[knob]  # measured on Hopper only
+        assert not bs._launch_knobs(128, None)[knob]  # the CPU interpreter
+        assert not bs._launch_knobs(128, (9, 0), **{knob: False})[knob]  # an explicit knob wins
 
 
 def test_seq_index_without_tile_len_must_be_a_permutation():
@@ -392,12 +393,14 @@ def test_lse_drop_sums_the_decrease_against_an_earlier_pass():
 
 
 @pytest.mark.parametrize(("S", "D", "dtype", "padded"), [(300, 64, torch.bfloat16, False),
-                                                         (150, 128, torch.float32, True)])
+                                                         (150, 128, torch.float32, True),
+                                                         (200, 64, torch.float16, False)])
 def test_fixed_shift_equals_the_online_softmax(S, D, dtype, padded):
-    """``max_ref`` (the softmax's shift given per row instead of the running row max): kernel and
-    reference against float64 with shifts off the rows' LSE by up to 20 either way, and rows whose
-    shift does not fit (+-inf, NaN, 200 off: their query tiles are redone with the running max);
-    the gap and LSE-drop outputs are those of the call without it."""
+    """``fixed_shift`` (each row's softmax shifted by its largest score in the first listed key
+    sub-tile, not by the running max): kernel and reference against float64, with rows where a later
+    tile scores far above the first (their query tiles must be redone with the running max: 100
+    nats, or 12 for float16 weights) and an empty query tile; the gap and LSE-drop outputs are those
+    of the call without it."""
     tile = 32 if padded else 128
     if padded:
         seed, (q, k, v), tile_len, tile_mask, valid = _padded_case(S, D, dtype, tile)
@@ -409,33 +412,32 @@ def test_fixed_shift_equals_the_online_softmax(S, D, dtype, padded):
         tile_mask = bs.add_dense_ranges(tile_mask, [(S - 10, S)], S, tile)
         tile_mask[1, 0, 0] = False  # an empty query tile: output 0, LSE -inf
         tile_len, valid = None, torch.ones(S, dtype=torch.bool)
-    g = torch.Generator().manual_seed(seed + 2)
+    # a key in the last tile aligned with query row 5 of (0, 1): far above anything in row 5's first tile
+    jump = 12.0 if dtype == torch.float16 else 100.0
+    k[0, 1, S - 1] = (q[0, 1, 5].double() * jump * math.sqrt(D) / q[0, 1, 5].double().square().sum()).to(dtype)
+    tile_mask[0, 1, 0, -1] = True
     blocks, counts = bs.tiles_to_blocks(tile_mask)
     s64 = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)
     ones = torch.ones(tile, tile, dtype=torch.float64)
     mask = torch.stack([torch.stack([torch.kron(tile_mask[b, h].double(), ones)[:S, :S] > 0 for h in range(2)])
                         for b in range(2)]) & valid
     s64 = s64.masked_fill(~mask, float("-inf"))
+    assert s64[0, 1, 5].max() > s64[0, 1, 5, :tile].max() + jump - 8  # the jump is there
     exact_lse = torch.logsumexp(s64, -1)
     exact = torch.softmax(s64, -1).nan_to_num(0.0) @ v.double()
-    shift = (exact_lse + 40 * torch.rand(exact_lse.shape, generator=g, dtype=torch.float64) - 20).float()
-    shift[~exact_lse.isfinite()] = 0.0
-    shift[0, 0, 3], shift[0, 1, 40], shift[1, 1, 70] = float("inf"), float("-inf"), float("nan")
-    shift[1, 0, S - 1] += 200.0
-    shift[0, 1, S - 2] -= 200.0
     kw = dict(block_m=tile, block_n=tile, tile_len=tile_len, return_lse=True)
     if padded:
         kw.update(return_gap=True, gap_ref=exact_lse.float())
     prev = (exact_lse + 1).float()
-    eps = 2**-8 if dtype == torch.bfloat16 else 2**-20
+    eps = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-20}[dtype]
     rows = valid[None, None, :, None]
     scale = exact.abs().amax().item()
     for name, fn in (("kernel", bs.block_sparse_attention_triton),
                      ("reference", bs.block_sparse_attention_reference)):
         plain_total = torch.zeros(1, dtype=torch.float64)
-        plain = fn(q, k, v, blocks, counts, lse_drop=(prev, plain_total), **kw)
+        plain = fn(q, k, v, blocks, counts, lse_drop=(prev, plain_total), fixed_shift=False, **kw)
         total = torch.zeros(1, dtype=torch.float64)
-        out, lse, *gap = fn(q, k, v, blocks, counts, max_ref=shift, lse_drop=(prev, total), **kw)
+        out, lse, *gap = fn(q, k, v, blocks, counts, fixed_shift=True, lse_drop=(prev, total), **kw)
         err = ((out.double() - exact) * rows).abs().amax().item() / scale
         assert err <= 4 * eps, f"{name}: relative error {err:.2e} (seed {seed})"
         live = exact_lse.isfinite() & valid
@@ -444,12 +446,6 @@ def test_fixed_shift_equals_the_online_softmax(S, D, dtype, padded):
         assert abs(total.item() - plain_total.item()) <= 1e-3 * S * 4, name
         if padded:
             assert torch.equal(gap[0], plain[2]), f"{name}: gaps differ (seed {seed})"
-    for bad, match in ((shift.double(), "max_ref: expected a float32"), (shift[:, :1], "max_ref: expected")):
-        with pytest.raises(ValueError, match=match):
-            bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=tile, block_n=tile, max_ref=bad)
-    with pytest.raises(ValueError, match="max_ref: needs bfloat16"):
-        bs.block_sparse_attention_reference(q.half(), k.half(), v.half(), blocks, counts, block_m=tile, block_n=tile,
-                                            max_ref=shift)
-    with pytest.raises(ValueError, match="pass gap_ref too"):
+    with pytest.raises(ValueError, match="fixed_shift: the running-max gaps"):
         bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=tile, block_n=tile, tile_len=tile_len,
-                                         return_gap=True, max_ref=shift)
+                                         return_gap=True, fixed_shift=True)
