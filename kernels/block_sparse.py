@@ -28,14 +28,15 @@ Two options serve the sparse methods:
   ranks tiles by weight; the running max ranks the earliest visited first wherever rows attend
   broadly (many tiles then raise some row's running max and saturate at 0: 57% on the reference
   model, benchmarks/gap_ranks.py).
+
 Where q, k, v fit tensor descriptors (no ``seq_index``) on Hopper, the kernel's default softmax
-uses a fixed shift instead of the online running maximum: each query row's largest score in the
-first listed key sub-tile. The key loop then keeps no row maximum and never rescales its
-accumulator, and with Hopper's TMA loads that is 11-13% faster at the Wan 480p shape (launch
-knob ``fixed_shift``; see LAUNCH_DEFAULTS). The result does not depend on the shift while no
-weight overflows: a query tile with a row whose sum against its shift leaves ``[1, 2**64]`` (a
-later tile scoring 44 nats above the first, ``2**15`` for float16) is recomputed with the running
-maximum inside the same call.
+(bfloat16 inputs, no running-max gaps asked) uses a fixed shift instead of the online running
+maximum: each query row's largest score in the first listed key sub-tile. The key loop then keeps
+no row maximum and never rescales its accumulator, and with Hopper's TMA loads that is 6-13%
+faster at the Wan 480p shape (launch knob ``fixed_shift``; see LAUNCH_DEFAULTS). The result does
+not depend on the shift while no weight overflows: a query tile with a row whose sum against its
+shift leaves ``[1, 2**64]`` (some key scoring about 44 nats above the first sub-tile's best;
+``2**15`` for float16) is recomputed with the running maximum inside the same call.
 """
 
 from __future__ import annotations
@@ -499,7 +500,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     ``fixed_shift`` shifts each row's softmax by its largest score in the first listed key sub-tile
     instead of the running maximum (see the module docstring; by default on Hopper where the TMA
     loads are taken, for bfloat16 inputs, and unless running-max gaps are asked for: there, with
-    TMA by default too, it is faster; float16 inputs redo query tiles more often);
+    TMA by default too, it is faster; float16 inputs would redo query tiles more often);
     ``max_registers`` caps the registers per thread (Triton's ``maxnreg``, 0 for no cap; the
     default, 128 on Hopper up to head_dim 128, lets two 8-warp CTAs share an SM; GPU only, ignored
     by the CPU interpreter).
@@ -519,7 +520,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
         raise ValueError(f"head_dim: at most 256 is supported, got {D}")
     scale = D**-0.5 if scale is None else scale
     capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-    shift_ok = q.dtype != torch.float16 and not (return_gap and gap_ref is None)
+    shift_ok = q.dtype == torch.bfloat16 and not (return_gap and gap_ref is None)  # as measured
     knobs = _launch_knobs(D, capability, shift_ok=shift_ok, sub_n=sub_n, num_warps=num_warps, num_stages=num_stages,
                           tma=tma, warp_specialize=warp_specialize, max_registers=max_registers,
                           fixed_shift=fixed_shift)
@@ -591,12 +592,13 @@ GAP_PARTS = 8
 # memory holds one such CTA, not two, so the cap would only cost spills.
 # The fixed softmax shift (first sub-tile's row max) and TMA loads go together by default on
 # Hopper: the loop then keeps no running maximum and never rescales, and TMA loads beat pointer
-# loads, which they did not with the online softmax (with pointer loads the shift gained nothing).
-# Measured with a given shift (the LSE of a dense pass) at the Wan 480p shape on the H200,
-# sparse-max-ref-NVIDIA-H200-2026-12-01.json, medians of 5, ratio to cuDNN at density 1 / 0.25 /
-# 0.1: shift with TMA 0.986x / 3.81x / 7.96x, with pointer loads 0.897x / 3.416x / 7.269x, the
-# online default 0.908x / 3.418x / 7.574x; then with the shift computed in the kernel (commit
-# FIXME).
+# loads, which they did not with the online softmax. At the Wan 480p shape on the H200
+# (sparse-shift-NVIDIA-H200-2026-12-01.json, commit f0e5ab6, medians of 5, ratio to cuDNN at density
+# 1 / 0.5 / 0.25 / 0.1): both 0.976x / 2.021x / 3.86x / 7.583x; neither (the former default) 0.91x /
+# 1.786x / 3.484x / 7.136x; the shift with pointer loads 0.90x / 1.797x / 3.508x / 7.411x; TMA with
+# the online softmax 0.90x / 1.735x / 3.321x / 6.707x. (A shift given from a dense pass's LSE, the
+# first form of this option, measured the same: sparse-max-ref-*.json.) Calls through seq_index (the
+# sparse methods') cannot take TMA loads and keep the online softmax.
 LAUNCH_DEFAULTS = {"sub_n": 64, "num_warps": 8, "num_stages": 2, "tma": False, "warp_specialize": False,
                    "max_registers": 128, "fixed_shift": False}
 

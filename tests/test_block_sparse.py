@@ -331,7 +331,7 @@ def test_fixed_shift_and_tma_by_default_only_on_hopper():
     for knob in ("tma", "fixed_shift"):
         assert bs._launch_knobs(128, (9, 0))[knob]
         assert bs._launch_knobs(64, (9, 0))[knob]
-        assert not bs._launch_knobs(128, (9, 0), shift_ok=False)[knob]  # float16, or running-max gaps
+        assert not bs._launch_knobs(128, (9, 0), shift_ok=False)[knob]  # not bfloat16, or running-max gaps
         assert not bs._launch_knobs(128, (8, 0))[knob]  # measured on Hopper only
         assert not bs._launch_knobs(128, None)[knob]  # the CPU interpreter
         assert not bs._launch_knobs(128, (9, 0), **{knob: False})[knob]  # an explicit knob wins
@@ -392,10 +392,11 @@ def test_lse_drop_sums_the_decrease_against_an_earlier_pass():
                                             lse_drop=(prev, torch.zeros(1)))
 
 
-@pytest.mark.parametrize(("S", "D", "dtype", "padded"), [(300, 64, torch.bfloat16, False),
-                                                         (150, 128, torch.float32, True),
-                                                         (200, 64, torch.float16, False)])
-def test_fixed_shift_equals_the_online_softmax(S, D, dtype, padded):
+@pytest.mark.parametrize(("S", "D", "dtype", "padded", "tma"), [(300, 64, torch.bfloat16, False, False),
+                                                                (300, 128, torch.bfloat16, False, True),
+                                                                (150, 128, torch.float32, True, False),
+                                                                (200, 64, torch.float16, False, False)])
+def test_fixed_shift_equals_the_online_softmax(S, D, dtype, padded, tma):
     """``fixed_shift`` (each row's softmax shifted by its largest score in the first listed key
     sub-tile, not by the running max): kernel and reference against float64, with rows where a later
     tile scores far above the first (their query tiles must be redone with the running max: 100
@@ -426,6 +427,8 @@ def test_fixed_shift_equals_the_online_softmax(S, D, dtype, padded):
     exact_lse = torch.logsumexp(s64, -1)
     exact = torch.softmax(s64, -1).nan_to_num(0.0) @ v.double()
     kw = dict(block_m=tile, block_n=tile, tile_len=tile_len, return_lse=True)
+    if tma:  # the descriptor path is taken for these inputs (the default's on Hopper)
+        assert bs._descriptors((q, k, v), (tile, 64, 64)) is not None
     if padded:
         kw.update(return_gap=True, gap_ref=exact_lse.float())
     prev = (exact_lse + 1).float()
@@ -437,7 +440,7 @@ def test_fixed_shift_equals_the_online_softmax(S, D, dtype, padded):
         plain_total = torch.zeros(1, dtype=torch.float64)
         plain = fn(q, k, v, blocks, counts, lse_drop=(prev, plain_total), fixed_shift=False, **kw)
         total = torch.zeros(1, dtype=torch.float64)
-        out, lse, *gap = fn(q, k, v, blocks, counts, fixed_shift=True, lse_drop=(prev, total), **kw)
+        out, lse, *gap = fn(q, k, v, blocks, counts, fixed_shift=True, tma=tma, lse_drop=(prev, total), **kw)
         err = ((out.double() - exact) * rows).abs().amax().item() / scale
         assert err <= 4 * eps, f"{name}: relative error {err:.2e} (seed {seed})"
         live = exact_lse.isfinite() & valid
@@ -449,3 +452,35 @@ def test_fixed_shift_equals_the_online_softmax(S, D, dtype, padded):
     with pytest.raises(ValueError, match="fixed_shift: the running-max gaps"):
         bs.block_sparse_attention_triton(q, k, v, blocks, counts, block_m=tile, block_n=tile, tile_len=tile_len,
                                          return_gap=True, fixed_shift=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel's default path needs a GPU")
+@pytest.mark.parametrize("D", [64, 128])
+def test_default_path_on_the_gpu(D):
+    """On a GPU the default launch (on Hopper: fixed shift with TMA loads) against float64, with query
+    rows that a later key scores 20 nats (kept: large but finite weights) and 100 nats (redone with
+    the running max) above their first sub-tile; the online path with pointer loads likewise."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    B, H, S, tile = 2, 3, 1000, 128
+    q, k, v = (x.cuda() for x in _inputs(B, H, S, D, torch.bfloat16, seed))
+    n = math.ceil(S / tile)
+    g = torch.Generator().manual_seed(seed + 1)
+    tile_mask = bs.add_dense_ranges(torch.rand(B, H, n, n, generator=g) < 0.3, [(S - 40, S)], S, tile)
+    tile_mask[..., 0] = False  # rows start at a later tile; the planted keys sit in the dense text range
+    tile_mask[..., n - 1] = True
+    for (b, h, row, key), jump in zip([(0, 0, 5, S - 1), (1, 2, 300, S - 2), (0, 1, 700, S - 3)], (20.0, 100.0, 100.0)):
+        qr = q[b, h, row].double()
+        k[b, h, key] = (qr * jump * math.sqrt(D) / qr.square().sum()).to(torch.bfloat16)
+    blocks, counts = (t.cuda() for t in bs.tiles_to_blocks(tile_mask))
+    exact, exact_lse = _float64_attention(q.cpu(), k.cpu(), v.cpu(), tile_mask, tile)
+    assert exact_lse[1, 2, 300] > 90 and exact_lse[0, 0, 5] > 10  # the planted keys dominate their rows
+    scale = exact.abs().amax().item()
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert bs._launch_knobs(D, torch.cuda.get_device_capability())["fixed_shift"] == hopper
+    for knobs in ({}, dict(fixed_shift=False, tma=False)):
+        out, lse = bs.block_sparse_attention_triton(q, k, v, blocks, counts, return_lse=True, **knobs)
+        err = (out.double().cpu() - exact).abs().amax().item() / scale
+        assert err <= 4 * 2**-8, f"{knobs}: relative error {err:.2e} (seed {seed})"
+        finite = exact_lse.isfinite()
+        assert torch.equal(lse.cpu().isfinite(), finite)
+        assert (lse.double().cpu() - exact_lse)[finite].abs().max() <= 1e-2, f"{knobs}: LSE off (seed {seed})"
