@@ -327,7 +327,7 @@ if triton is not None:
                 q, K, DescK, Blocks, TileLen, Index, i, d_ok, offs_d, b, h, skb, skh, sks, k_row0, k_col, S_K,
                 BLOCK_N, SUB_N, HAS_LEN, DOT_F32, EVEN_D, HAS_INDEX, USE_TMA)
             # the softmax scale is folded into the exponent (one FMA per score, as in Triton's tutorial)
-            if FIXED:  # the given shift: no row maximum, no rescaling of l_i and acc
+            if FIXED:  # the fixed shift: no row maximum, no rescaling of l_i and acc
                 p = tl.math.exp2(qk * qk_scale - m_i[:, None])
                 l_i += tl.sum(p, 1)
             else:
@@ -348,7 +348,7 @@ if triton is not None:
             if not FIXED:
                 m_i = m_new
             if RETURN_GAP:
-                if FIXED:  # (the wrapper asks for gap_ref with a fixed shift)
+                if FIXED:  # (with the fixed shift the wrapper allows only gaps against gap_ref)
                     qk_max = tl.max(qk, 1) * qk_scale
                 tile_rm = tl.maximum(tile_rm, qk_max)
                 if i % R == R - 1:  # layout tile finished: its gap against the running max (or gap_ref)

@@ -398,10 +398,10 @@ def test_lse_drop_sums_the_decrease_against_an_earlier_pass():
                                                                 (200, 64, torch.float16, False, False)])
 def test_fixed_shift_equals_the_online_softmax(S, D, dtype, padded, tma):
     """``fixed_shift`` (each row's softmax shifted by its largest score in the first listed key
-    sub-tile, not by the running max): kernel and reference against float64, with rows where a later
-    tile scores far above the first (their query tiles must be redone with the running max: 100
-    nats, or 12 for float16 weights) and an empty query tile; the gap and LSE-drop outputs are those
-    of the call without it."""
+    sub-tile, not by the running max): kernel and reference against float64, with a row where a later
+    key scores 100 nats above the rest (its query tile is redone with the running max; 12 nats for
+    float16 weights, around their 2**15 limit) and an empty query tile; the gap and LSE-drop outputs
+    are those of the call without it."""
     tile = 32 if padded else 128
     if padded:
         seed, (q, k, v), tile_len, tile_mask, valid = _padded_case(S, D, dtype, tile)
@@ -413,17 +413,20 @@ def test_fixed_shift_equals_the_online_softmax(S, D, dtype, padded, tma):
         tile_mask = bs.add_dense_ranges(tile_mask, [(S - 10, S)], S, tile)
         tile_mask[1, 0, 0] = False  # an empty query tile: output 0, LSE -inf
         tile_len, valid = None, torch.ones(S, dtype=torch.bool)
-    # a key in the last tile aligned with query row 5 of (0, 1): far above anything in row 5's first tile
+    # the last valid key, aligned with query row 5 of (0, 1): far above anything in row 5's first tile
     jump = 12.0 if dtype == torch.float16 else 100.0
-    k[0, 1, S - 1] = (q[0, 1, 5].double() * jump * math.sqrt(D) / q[0, 1, 5].double().square().sum()).to(dtype)
-    tile_mask[0, 1, 0, -1] = True
+    key = int(valid.nonzero().max())
+    k[0, 1, key] = (q[0, 1, 5].double() * jump * math.sqrt(D) / q[0, 1, 5].double().square().sum()).to(dtype)
+    tile_mask[0, 1, 0, key // tile] = True
     blocks, counts = bs.tiles_to_blocks(tile_mask)
     s64 = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)
     ones = torch.ones(tile, tile, dtype=torch.float64)
     mask = torch.stack([torch.stack([torch.kron(tile_mask[b, h].double(), ones)[:S, :S] > 0 for h in range(2)])
                         for b in range(2)]) & valid
     s64 = s64.masked_fill(~mask, float("-inf"))
-    assert s64[0, 1, 5].max() > s64[0, 1, 5, :tile].max() + jump - 8  # the jump is there
+    others = s64[0, 1, 5].clone()
+    others[key] = float("-inf")
+    assert s64[0, 1, 5, key] > others.max() + jump - 8  # the jump is there
     exact_lse = torch.logsumexp(s64, -1)
     exact = torch.softmax(s64, -1).nan_to_num(0.0) @ v.double()
     kw = dict(block_m=tile, block_n=tile, tile_len=tile_len, return_lse=True)
