@@ -498,9 +498,11 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     warp-specialize the key loop (in the H100 and H200 sweeps, ``benchmarks/results/sparse-*.json``,
     neither helped with the online softmax, so both are off by default there);
     ``fixed_shift`` shifts each row's softmax by its largest score in the first listed key sub-tile
-    instead of the running maximum (see the module docstring; by default on Hopper where the TMA
-    loads are taken, for bfloat16 inputs, and unless running-max gaps are asked for: there, with
-    TMA by default too, it is faster; float16 inputs would redo query tiles more often);
+    instead of the running maximum (see the module docstring). By default, on Hopper for bfloat16
+    inputs that ask no running-max gaps, ``tma`` and ``fixed_shift`` are both on and the shift is
+    taken where the TMA loads are (the pair is faster; TMA alone is slower, the shift alone about
+    even); float16 would redo query
+    tiles more often;
     ``max_registers`` caps the registers per thread (Triton's ``maxnreg``, 0 for no cap; the
     default, 128 on Hopper up to head_dim 128, lets two 8-warp CTAs share an SM; GPU only, ignored
     by the CPU interpreter).
