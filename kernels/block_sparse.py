@@ -501,8 +501,7 @@ def block_sparse_attention_triton(q, k, v, kv_blocks, kv_counts, *, block_m: int
     instead of the running maximum (see the module docstring). By default, on Hopper for bfloat16
     inputs that ask no running-max gaps, ``tma`` and ``fixed_shift`` are both on and the shift is
     taken where the TMA loads are (the pair is faster; TMA alone is slower, the shift alone about
-    even); float16 would redo query
-    tiles more often;
+    even); float16 would redo query tiles more often;
     ``max_registers`` caps the registers per thread (Triton's ``maxnreg``, 0 for no cap; the
     default, 128 on Hopper up to head_dim 128, lets two 8-warp CTAs share an SM; GPU only, ignored
     by the CPU interpreter).
