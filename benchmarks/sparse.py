@@ -455,7 +455,8 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
     """The cost of the tile layout and of TemporalSparse's bookkeeping, each as a fraction of one
     cuDNN dense attention call: the kernel reading model-order q, k, v through ``seq_index`` vs the
     same kernel on tensors already in tiled order (what the methods pay), gather + scatter copies
-    (the alternative), the kernel's extras as the method asks for them (gap output, LSE drop summed
+    (the alternative), what the index forgoes (tiled inputs at the default launch, which on Hopper
+    takes TMA loads and the fixed shift, against the indexed call), the kernel's extras as the method asks for them (gap output, LSE drop summed
     in the kernel), and the bookkeeping (the next layout straight from the kernel's gaps, the
     refresh decision and the density count, in one launch, plus zeroing the drop's total). The
     bookkeeping is timed two ways: queued behind its attention call, as in a pipeline, where only
@@ -480,10 +481,11 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
         method._update(state, gap, blocks, counts, order, False, heads)
         return state["blocks"]
 
-    def kernel(indexed: bool):
+    def kernel(indexed: bool, **launch):
         args = (q, k, v) if indexed else (qt, kt, vt)
         index = order.index if indexed else None
-        return lambda: block_sparse_attention(*args, blocks, counts, tile_len=order.tile_len, seq_index=index)
+        return lambda: block_sparse_attention(*args, blocks, counts, tile_len=order.tile_len, seq_index=index,
+                                              **launch)
 
     def method_kernel():  # the kernel as the method calls it: gap output, LSE drop summed on the device
         return method._attend(q, k, v, order, state, blocks, counts, False)
@@ -495,18 +497,24 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
 
     copy_ms = median(cuda_time_ms(copies, iters=iters))
     book_ms = median(cuda_time_ms(bookkeeping, iters=iters))
-    tiled_ms = median(cuda_time_ms(kernel(False), iters=iters))
+    # tiled inputs on the path the indexed call takes (online softmax, pointer loads), so the difference
+    # is the index alone; at the default launch they take TMA loads and the fixed shift on Hopper
+    tiled_ms = median(cuda_time_ms(kernel(False, fixed_shift=False, tma=False), iters=iters))
+    tiled_default_ms = median(cuda_time_ms(kernel(False), iters=iters))
     indexed_ms = median(cuda_time_ms(kernel(True), iters=iters))
     extras_ms = median(cuda_time_ms(method_kernel, iters=iters))
     whole_ms = median(cuda_time_ms(call_with_bookkeeping, iters=iters))
     base = dict(shape=name, seq=seq, tile=list(order.tile), tiles=n, density=round(mask.float().mean().item(), 4),
                 dense_ms=round(dense_ms, 3), kernel_tiled_ms=round(tiled_ms, 3), kernel_indexed_ms=round(indexed_ms, 3),
-                launch=dict(LAUNCH_DEFAULTS))
+                kernel_tiled_default_ms=round(tiled_default_ms, 3), launch=dict(LAUNCH_DEFAULTS))
     return [
         dict(base, part="tile layout in the kernel (seq_index) vs tiled inputs", ms=round(indexed_ms - tiled_ms, 3),
              of_dense=round((indexed_ms - tiled_ms) / dense_ms, 4)),
         dict(base, part="tile layout as copies: gather q, k, v + scatter out", ms=round(copy_ms, 3),
              of_dense=round(copy_ms / dense_ms, 4)),
+        dict(base, part="what reading through seq_index forgoes: tiled inputs at the default launch (on Hopper TMA "
+                        "loads and the fixed shift) minus the indexed call", ms=round(tiled_default_ms - indexed_ms, 3),
+             of_dense=round((tiled_default_ms - indexed_ms) / dense_ms, 4)),
         dict(base, part="TemporalSparse bookkeeping behind its attention call (call with it - call without)",
              ms=round(whole_ms - extras_ms, 3), of_dense=round((whole_ms - extras_ms) / dense_ms, 4)),
         dict(base, part="TemporalSparse bookkeeping alone, synchronized (bound by host launches)", ms=round(book_ms, 3),
