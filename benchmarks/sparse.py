@@ -456,12 +456,12 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
     cuDNN dense attention call: the kernel reading model-order q, k, v through ``seq_index`` vs the
     same kernel on tensors already in tiled order (what the methods pay), gather + scatter copies
     (the alternative), what the index forgoes (tiled inputs at the default launch, which on Hopper
-    takes TMA loads and the fixed shift, against the indexed call), the kernel's extras as the method asks for them (gap output, LSE drop summed
-    in the kernel), and the bookkeeping (the next layout straight from the kernel's gaps, the
-    refresh decision and the density count, in one launch, plus zeroing the drop's total). The
-    bookkeeping is timed two ways: queued behind its attention call, as in a pipeline, where only
-    its GPU work adds to the call (the figure that counts), and alone with a synchronization around
-    it, where the host's kernel launches bound it."""
+    takes TMA loads and the fixed shift, against the indexed call), the kernel's extras as the
+    method asks for them (gap output, LSE drop summed in the kernel), and the bookkeeping (the next
+    layout straight from the kernel's gaps, the refresh decision and the density count, in one
+    launch, plus zeroing the drop's total). The bookkeeping is timed two ways: queued behind its
+    attention call, as in a pipeline, where only its GPU work adds to the call (the figure that
+    counts), and alone with a synchronization around it, where the host's kernel launches bound it."""
     method, order, (q, k, v), dense_ms = _method_inputs(grid, text, heads, dim, density, iters)
     seq = q.shape[2]
     qt, kt, vt = order.gather(q), order.gather(k), order.gather(v)
