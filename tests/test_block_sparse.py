@@ -11,12 +11,16 @@ from dit_accel.kernels import block_sparse as bs
 pytestmark = pytest.mark.skipif(bs.triton is None, reason="triton not installed")
 
 
+def _token_mask(tile_mask, tile: int, S_q: int, S_k: int) -> torch.Tensor:
+    """The explicit bool ``[B, H, S_q, S_k]`` token mask of a tile mask (Kronecker expansion)."""
+    ones = torch.ones(tile, tile, dtype=torch.float64)
+    return torch.stack([torch.stack([torch.kron(tile_mask[b, h].double(), ones)[:S_q, :S_k] > 0
+                                     for h in range(tile_mask.shape[1])]) for b in range(tile_mask.shape[0])])
+
+
 def _float64_attention(q, k, v, tile_mask, tile):
     """Independent oracle: explicit token mask from the tile mask (Kronecker expansion), float64 softmax."""
-    S_q, S_k = q.shape[2], k.shape[2]
-    ones = torch.ones(tile, tile, dtype=torch.float64)
-    mask = torch.stack([torch.stack([torch.kron(tile_mask[b, h].double(), ones)[:S_q, :S_k] > 0
-                                     for h in range(tile_mask.shape[1])]) for b in range(tile_mask.shape[0])])
+    mask = _token_mask(tile_mask, tile, q.shape[2], k.shape[2])
     s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
     s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(-1, keepdim=True).clamp_min(-1e300)
@@ -176,9 +180,7 @@ def test_padded_tiles_and_gap_output(S, D, dtype):
     ref, ref_gap = bs.block_sparse_attention_reference(q, k, v, blocks, counts, **kw)
     # padded key slots carry no weight: the float64 oracle masks them on top of the tile mask
     s64 = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)
-    ones = torch.ones(tile, tile, dtype=torch.float64)
-    mask = torch.stack([torch.stack([torch.kron(tile_mask[b, h].double(), ones)[:S, :S] > 0 for h in range(2)])
-                        for b in range(2)]) & valid
+    mask = _token_mask(tile_mask, tile, S, S) & valid
     exact = torch.softmax(s64.masked_fill(~mask, float("-inf")), -1) @ v.double()
     eps = 2**-8 if dtype == torch.bfloat16 else 2**-11
     rows = valid[None, None, :, None]
@@ -277,9 +279,7 @@ def test_seq_index_reads_and_writes_model_order(S_model, D, dtype, B):
     assert torch.equal(gap, tiled_gap) and torch.equal(lse[..., valid], tiled_lse[..., valid])
     # float64 oracle in tiled order, mapped back to model order
     s64 = qt.double() @ kt.double().transpose(-1, -2) / math.sqrt(D)
-    ones = torch.ones(tile, tile, dtype=torch.float64)
-    mask = torch.stack([torch.stack([torch.kron(tile_mask[b, h].double(), ones) > 0 for h in range(2)])
-                        for b in range(B)]) & valid
+    mask = _token_mask(tile_mask, tile, qt.shape[2], qt.shape[2]) & valid
     exact_t = torch.softmax(s64.masked_fill(~mask, float("-inf")), -1) @ vt.double()
     exact = torch.zeros_like(q, dtype=torch.float64)
     exact[:, :, index[valid]] = exact_t[:, :, valid]
@@ -420,9 +420,7 @@ def test_fixed_shift_equals_the_online_softmax(S, D, dtype, padded, tma):
     tile_mask[0, 1, 0, key // tile] = True
     blocks, counts = bs.tiles_to_blocks(tile_mask)
     s64 = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)
-    ones = torch.ones(tile, tile, dtype=torch.float64)
-    mask = torch.stack([torch.stack([torch.kron(tile_mask[b, h].double(), ones)[:S, :S] > 0 for h in range(2)])
-                        for b in range(2)]) & valid
+    mask = _token_mask(tile_mask, tile, S, S) & valid
     s64 = s64.masked_fill(~mask, float("-inf"))
     others = s64[0, 1, 5].clone()
     others[key] = float("-inf")
