@@ -61,8 +61,7 @@ def main(argv=None) -> None:
     for density in (float(d) for d in args.densities.split(",")):
         _, order, (q, k, v), dense_ms = sb._method_inputs(grid, text, heads, dim, density, args.iters)
         qt, kt, vt = order.gather(q), order.gather(k), order.gather(v)
-        mask = sb.random_layout(order.length, heads, density, order.text, seed=7).cuda()
-        blocks, counts = sb.tiles_to_blocks(mask, width=order.tile_len.numel())
+        mask, blocks, counts = sb._method_layout(order, heads, density)
         lens, index = order.tile_len, order.index
         calls = {  # name -> (call, output in model order?)
             "base, indexed": (lambda: base.block_sparse_attention_triton(q, k, v, blocks, counts, tile_len=lens,

@@ -385,6 +385,13 @@ def _method_inputs(grid, text: int, heads: int, dim: int, density: float, iters:
     return method, order, qkv, dense_ms
 
 
+def _method_layout(order, heads: int, density: float):
+    """(tile mask, blocks, counts) on the GPU: a random layout of ``order``'s tiles at ``density``
+    (seed 7), its blocks padded to every tile as the methods keep them."""
+    mask = random_layout(order.length, heads, density, order.text, seed=7).cuda()
+    return (mask, *tiles_to_blocks(mask, width=order.tile_len.numel()))
+
+
 def bench_extras(name: str, grid, text: int, heads: int, dim: int, densities, iters: int) -> list[dict]:
     """What TemporalSparse's extra outputs cost inside the kernel, per launch configuration: the
     call as the method makes it (model-order q, k, v through ``seq_index``, the packed order's
@@ -396,8 +403,7 @@ def bench_extras(name: str, grid, text: int, heads: int, dim: int, densities, it
     for density in densities:
         _, order, (q, k, v), dense_ms = _method_inputs(grid, text, heads, dim, density, iters)
         n = order.tile_len.numel()
-        mask = random_layout(order.length, heads, density, order.text, seed=7).cuda()
-        blocks, counts = tiles_to_blocks(mask, width=n)
+        mask, blocks, counts = _method_layout(order, heads, density)
         full = _full_layout(n, q.device)
         prev = block_sparse_attention_triton(q, k, v, *full, tile_len=order.tile_len, seq_index=order.index,
                                              return_lse=True)[1]  # the LSE of a full pass
@@ -471,8 +477,7 @@ def bench_overhead(name: str, grid, text: int, heads: int, dim: int, density: fl
         return order.scatter(qt)
 
     n = order.tile_len.numel()
-    mask = random_layout(order.length, heads, density, order.text, seed=7).cuda()
-    blocks, counts = tiles_to_blocks(mask, width=n)
+    mask, blocks, counts = _method_layout(order, heads, density)
     state = {}  # one layer's state as the method keeps it: a full pass (the LSE reference), then this layout
     method._attend(q, k, v, order, state, *_full_layout(n, q.device), True)
     _, gap = method._attend(q, k, v, order, state, blocks, counts, False)
