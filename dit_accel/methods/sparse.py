@@ -579,8 +579,8 @@ class TemporalSparse(_TiledSparse):
         bookkeeping, timed in benchmarks/sparse.py."""
         n = order.tile_len.numel()
         check = self._checks_error(state, full_now)
-        nxt = next_blocks(gap, blocks, counts, n_k=n, threshold=self.threshold,
-                          k_min=self._bounds(n)[0], k_max=self._bounds(n)[1],
+        k_min, k_max = self._bounds(n)
+        nxt = next_blocks(gap, blocks, counts, n_k=n, threshold=self.threshold, k_min=k_min, k_max=k_max,
                           text_tile=order.video_tiles if order.text else None,
                           refresh=state["drop"] if check else None,
                           refresh_above=self.refresh_tol * state["lse"].numel() if check else None,
